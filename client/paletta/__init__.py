@@ -1,0 +1,1 @@
+"""Paletta Python SDK."""

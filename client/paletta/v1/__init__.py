@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for the paletta.v1 contracts (built from proto/ at install time)."""

@@ -1,0 +1,2 @@
+"""Paletta server."""
+__version__ = "0.1.0"

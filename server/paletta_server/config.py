@@ -1,0 +1,92 @@
+"""The one configuration object: defaults, then ``<data-dir>/paletta.toml``, then environment, then flags."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+PROFILES = ("fast", "hyper", "quality", "tiny")
+GiB = 1024**3
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("PALETTA_DATA_DIR", Path.home() / ".local" / "share" / "paletta"))
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: Path = field(default_factory=default_data_dir)
+    profile: str = "fast"
+    # Bearer token required on every RPC but health checks; empty disables auth.
+    token: str = ""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Memory budget for resident models on CPU (on CUDA the budget is free VRAM).
+    cpu_memory_budget_bytes: int = 16 * GiB
+    # Bytes of VRAM kept free for activations when the budget is free VRAM.
+    cuda_reserve_bytes: int = 2 * GiB
+    max_queue: int = 64
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 64 * 1024 * 1024
+    # Jobs beyond the queue head the scheduler may pick to reuse a resident model.
+    affinity_lookahead: int = 4
+    # How many times a job may be passed over before it must run.
+    max_skips: int = 3
+    preview_every: int = 2
+    # Per-model source overrides: {"flux-schnell": {"path": "...", "repo": "...", "revision": "..."}}.
+    models: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "paletta.db"
+
+    @property
+    def assets_dir(self) -> Path:
+        return self.data_dir / "assets"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+_ENV = {
+    "PALETTA_HOST": ("host", str),
+    "PALETTA_PORT": ("port", int),
+    "PALETTA_PROFILE": ("profile", str),
+    "PALETTA_TOKEN": ("token", str),
+    "PALETTA_TLS_CERT": ("tls_cert", Path),
+    "PALETTA_TLS_KEY": ("tls_key", Path),
+    "PALETTA_CPU_MEMORY_BUDGET": ("cpu_memory_budget_bytes", int),
+    "PALETTA_MAX_QUEUE": ("max_queue", int),
+    "PALETTA_MAX_UPLOAD_BYTES": ("max_upload_bytes", int),
+}
+
+
+def load_config(data_dir: Path | None = None, env: dict[str, str] | None = None, **overrides: Any) -> Config:
+    """Build the config: defaults < paletta.toml in the data dir < PALETTA_* env < explicit overrides."""
+    env = dict(os.environ if env is None else env)
+    base = Config(data_dir=Path(data_dir) if data_dir else default_data_dir())
+    values: dict[str, Any] = {}
+    toml_path = base.data_dir / "paletta.toml"
+    known = {f.name for f in fields(Config)}
+    if toml_path.exists():
+        with toml_path.open("rb") as fh:
+            for key, value in tomllib.load(fh).items():
+                if key in known and key != "data_dir":
+                    values[key] = value
+    for var, (name, kind) in _ENV.items():
+        if env.get(var):
+            values[name] = kind(env[var])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for path_field in ("tls_cert", "tls_key"):
+        if values.get(path_field) is not None:
+            values[path_field] = Path(values[path_field])
+    config = replace(base, **values)
+    if config.profile not in PROFILES:
+        raise ValueError(f"unknown profile {config.profile!r}; choose one of {', '.join(PROFILES)}")
+    return config

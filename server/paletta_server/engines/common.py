@@ -1,0 +1,118 @@
+"""Helpers shared by engines: device and dtype choice, byte measurement, cancellation-aware callbacks."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class ProgressSink(Protocol):
+    """What an engine reports to; implemented by the job runner."""
+
+    def progress(self, step: int, total: int, stage: str) -> None: ...
+
+    def preview(self, image: Any, step: int) -> None: ...
+
+    def check_cancelled(self) -> None:
+        """Raise JobCancelled if the job was cancelled."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where models run and in which precision."""
+
+    name: str  # "cuda" or "cpu"
+    quantization: str  # effective: "nf4", "bf16" or "fp32"
+    note: str = ""  # why a fallback happened, shown in GetStatus
+
+    @property
+    def dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.quantization in ("nf4", "bf16") else torch.float32
+
+    def describe(self) -> str:
+        if self.name == "cuda":
+            import torch
+
+            return f"cuda:0 ({torch.cuda.get_device_name(0)})"
+        return "cpu"
+
+
+def choose_device(requested_quantization: str) -> Device:
+    """Pick CUDA when present; without it NF4 and bf16 fall back to fp32 on CPU, loudly."""
+    import torch
+
+    if torch.cuda.is_available():
+        return Device("cuda", requested_quantization)
+    if requested_quantization == "fp32":
+        return Device("cpu", "fp32")
+    return Device("cpu", "fp32", note=f"{requested_quantization} needs CUDA; no GPU found, running fp32 on CPU")
+
+
+def import_object(dotted: str) -> Any:
+    """Resolve "package.module:attribute"."""
+    module, _, attr = dotted.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def measure_bytes(obj: Any) -> int:
+    """Bytes of parameters and buffers of every torch module reachable from obj (pipelines, models)."""
+    explicit = getattr(obj, "resident_bytes", None)
+    if isinstance(explicit, int):
+        return explicit
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+
+    def visit(value: Any) -> None:
+        nonlocal total
+        if isinstance(value, torch.nn.Module):
+            for tensor in list(value.parameters()) + list(value.buffers()):
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    total += tensor.numel() * tensor.element_size()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    components = getattr(obj, "components", None)
+    if isinstance(components, dict):
+        visit(components)
+    else:
+        visit(obj)
+        for name in ("model", "processor"):
+            if hasattr(obj, name) and not isinstance(obj, torch.nn.Module):
+                visit(getattr(obj, name))
+    return total
+
+
+def step_callback(sink: ProgressSink, total: int, preview_fn: Callable[[Any, int], None] | None = None,
+                  preview_every: int = 2) -> Callable:
+    """A diffusers ``callback_on_step_end``: reports progress, previews, and stops on cancel."""
+
+    def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+        sink.check_cancelled()
+        done = step + 1
+        sink.progress(done, total, "denoising")
+        if preview_fn is not None and done < total and done % preview_every == 0 and "latents" in kwargs:
+            preview_fn(kwargs["latents"], done)
+        return kwargs
+
+    return callback
+
+
+def free_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

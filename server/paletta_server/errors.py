@@ -1,0 +1,92 @@
+"""Domain errors. Every layer raises these; api/errors.py maps them to gRPC statuses in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request, named by its proto path (e.g. ``styles[0].weight``)."""
+
+    field: str
+    description: str
+
+
+class PalettaError(Exception):
+    """Base of all domain errors; ``reason`` is the ErrorInfo reason clients switch on."""
+
+    reason = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        if reason:
+            self.reason = reason
+        self.metadata = metadata or {}
+
+
+class InvalidArgument(PalettaError):
+    """The request is malformed; ``violations`` name the fields."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation] | FieldViolation, *, reason: str | None = None):
+        self.violations = [violations] if isinstance(violations, FieldViolation) else list(violations)
+        text = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        super().__init__(text, reason=reason)
+
+
+def invalid(field_name: str, description: str) -> InvalidArgument:
+    """Shorthand for a one-field InvalidArgument."""
+    return InvalidArgument(FieldViolation(field_name, description))
+
+
+class NotFound(PalettaError):
+    """A named resource (job, asset, model, style) does not exist."""
+
+    reason = "NOT_FOUND"
+
+
+class FailedPrecondition(PalettaError):
+    """The system is not in a state to do this (model missing, CUDA missing, job not finished)."""
+
+    reason = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(PalettaError):
+    """A limit was hit (queue full, upload too large, out of memory)."""
+
+    reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, reason: str | None = None, retry_after_s: float | None = None,
+                 violations: list[FieldViolation] | None = None):
+        super().__init__(message, reason=reason)
+        self.retry_after_s = retry_after_s
+        self.violations = violations or []
+
+
+class ModelUnavailable(FailedPrecondition):
+    """A model's weights are neither on disk nor downloadable."""
+
+    reason = "MODEL_UNAVAILABLE"
+
+
+class JobCancelled(Exception):
+    """Raised inside a running job (from a step callback) when its cancellation was requested."""
+
+
+class JobInterrupted(PalettaError):
+    """The server stopped while the job ran."""
+
+    reason = "INTERRUPTED"
+
+
+@dataclass
+class ErrorRecord:
+    """A serialisable error as stored on a job: gRPC code name, message, reason, metadata."""
+
+    code: str
+    message: str
+    reason: str
+    metadata: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,35 @@
+"""Performance profiles: precision, quantization, acceleration and size limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    # "nf4" (bitsandbytes 4-bit transformer + T5), "bf16" or "fp32".
+    quantization: str
+    # Longest edge diffusion inputs are downscaled to for inference (the seed's FLUX_MAX_EDGE).
+    max_inference_edge: int
+    # Longest edge a text-to-image request may ask for.
+    max_generate_edge: int
+    # Registry key of an acceleration LoRA fused under the style LoRAs, if any.
+    acceleration_lora: str | None = None
+    # Step count that replaces the model's default when the acceleration LoRA is on.
+    accelerated_steps: int | None = None
+    # Whether models are the project's random-weight tiny builds.
+    tiny: bool = False
+    description: str = ""
+
+
+PROFILES: dict[str, Profile] = {
+    "fast": Profile("fast", "nf4", 1024, 2048, description="NF4 transformer and T5 (bitsandbytes, CUDA)"),
+    "hyper": Profile(
+        "hyper", "nf4", 1024, 2048, acceleration_lora="hyper-sd", accelerated_steps=8,
+        description="NF4 plus the Hyper-SD 8-step acceleration LoRA",
+    ),
+    "quality": Profile("quality", "bf16", 512, 2048, description="bf16, slow, maximum fidelity"),
+    "tiny": Profile("tiny", "fp32", 512, 1024, tiny=True,
+                    description="random-weight tiny models built locally; for tests and demos, no weights"),
+}

@@ -1,0 +1,135 @@
+"""Registry: each model key → where it loads from, which engine loads it, who uses it.
+
+Sources default to a Hugging Face repo id + revision. They are overridden, in order, by
+``[models.<key>]`` in ``<data-dir>/paletta.toml`` (``path``, ``repo``, ``revision``) and by the
+environment variable ``PALETTA_MODEL_<KEY>`` (a local folder or file). Under the ``tiny``
+profile every source is ``<data-dir>/models/tiny/<key>``, built on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from paletta_server.config import Config
+from paletta_server.models.profiles import PROFILES, Profile
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    repo: str
+    capabilities: tuple[str, ...]
+    # "module:function" in paletta_server.engines that loads it: fn(source, profile, device) -> object.
+    loader: str
+    # "module:function" in paletta_server.engines.tiny that writes a tiny random-weight build to a folder.
+    tiny_builder: str
+    revision: str = "main"
+    # File inside the repo, for single-file models (ESRGAN .pth, ONNX, LoRA safetensors).
+    filename: str = ""
+    # Rough resident size under NF4/bf16, used to make room before the first load.
+    estimated_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model loads from right now."""
+
+    key: str
+    repo: str = ""
+    revision: str = ""
+    path: Path | None = None
+    filename: str = ""
+
+    @property
+    def local(self) -> bool:
+        return self.path is not None
+
+    def describe(self) -> str:
+        return str(self.path) if self.path else f"{self.repo}@{self.revision}"
+
+
+GB = 1024**3
+_E = "paletta_server.engines"
+_T = "paletta_server.engines.tiny"
+
+SPECS: tuple[ModelSpec, ...] = (
+    ModelSpec("flux-schnell", "black-forest-labs/FLUX.1-schnell", ("generate",),
+              f"{_E}.flux:load_flux", f"{_T}.flux:build_schnell", estimated_bytes=12 * GB),
+    ModelSpec("flux-kontext", "black-forest-labs/FLUX.1-Kontext-dev", ("edit",),
+              f"{_E}.flux:load_kontext", f"{_T}.flux:build_kontext", estimated_bytes=12 * GB),
+    ModelSpec("flux-fill", "black-forest-labs/FLUX.1-Fill-dev", ("inpaint", "outpaint"),
+              f"{_E}.flux:load_fill", f"{_T}.flux:build_fill", estimated_bytes=12 * GB),
+    ModelSpec("flux-controlnet-union", "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro", ("control",),
+              f"{_E}.flux:load_control", f"{_T}.flux:build_control", estimated_bytes=14 * GB),
+    ModelSpec("flux-dev", "black-forest-labs/FLUX.1-dev", ("control",),
+              f"{_E}.flux:load_dev_components", f"{_T}.flux:build_dev", estimated_bytes=0),
+    ModelSpec("ip-adapter", "XLabs-AI/flux-ip-adapter", ("generate", "edit", "control"),
+              f"{_E}.flux:load_ip_adapter_source", f"{_T}.flux:build_ip_adapter",
+              filename="ip_adapter.safetensors", estimated_bytes=1 * GB),
+    ModelSpec("clip-vit-large", "openai/clip-vit-large-patch14", ("generate", "edit", "control"),
+              f"{_E}.flux:load_ip_adapter_source", f"{_T}.flux:build_image_encoder", estimated_bytes=1 * GB),
+    ModelSpec("hyper-sd", "ByteDance/Hyper-SD", ("generate", "edit"),
+              f"{_E}.styles:load_lora_source", f"{_T}.flux:build_lora",
+              filename="Hyper-FLUX.1-dev-8steps-lora.safetensors"),
+    ModelSpec("qwen-image-edit", "Qwen/Qwen-Image-Edit", ("qwen_edit",),
+              f"{_E}.qwen:load_qwen_edit", f"{_T}.qwen:build_qwen_edit", estimated_bytes=20 * GB),
+    ModelSpec("realesrgan-x4plus", "ai-forever/Real-ESRGAN", ("upscale",),
+              f"{_E}.upscale:load_realesrgan", f"{_T}.vision:build_realesrgan",
+              filename="RealESRGAN_x4.pth", estimated_bytes=70 * 1024**2),
+    ModelSpec("birefnet-general", "rembg/birefnet-general", ("remove_background",),
+              f"{_E}.background:load_birefnet", f"{_T}.vision:build_birefnet",
+              filename="birefnet-general.onnx", estimated_bytes=0),
+    ModelSpec("clipseg", "CIDAS/clipseg-rd64-refined", ("segment",),
+              f"{_E}.segment:load_clipseg", f"{_T}.vision:build_clipseg", estimated_bytes=600 * 1024**2),
+    ModelSpec("detr-resnet-50", "facebook/detr-resnet-50", ("detect", "analyze"),
+              f"{_E}.detect:load_detr", f"{_T}.vision:build_detr", estimated_bytes=170 * 1024**2),
+    ModelSpec("owlv2", "google/owlv2-base-patch16-ensemble", ("ground",),
+              f"{_E}.detect:load_owlv2", f"{_T}.vision:build_owlv2", estimated_bytes=600 * 1024**2),
+    ModelSpec("blip-large", "Salesforce/blip-image-captioning-large", ("caption", "analyze"),
+              f"{_E}.caption:load_blip", f"{_T}.vision:build_blip", estimated_bytes=1 * GB),
+    ModelSpec("blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b", ("caption", "analyze"),
+              f"{_E}.caption:load_blip2", f"{_T}.vision:build_blip2", estimated_bytes=6 * GB),
+    ModelSpec("qwen2.5-1.5b-instruct", "Qwen/Qwen2.5-1.5B-Instruct", ("expand",),
+              f"{_E}.prompt:load_qwen_llm", f"{_T}.vision:build_qwen_llm", estimated_bytes=3 * GB),
+)
+
+
+def env_var(key: str) -> str:
+    return "PALETTA_MODEL_" + key.upper().replace("-", "_").replace(".", "_")
+
+
+class ModelRegistry:
+    def __init__(self, config: Config, env: dict[str, str] | None = None):
+        self.config = config
+        self.profile: Profile = PROFILES[config.profile]
+        self.specs = {spec.key: spec for spec in SPECS}
+        self._env = dict(os.environ if env is None else env)
+
+    def spec(self, key: str) -> ModelSpec:
+        return self.specs[key]
+
+    def source(self, key: str) -> ModelSource:
+        spec = self.specs[key]
+        if self.profile.tiny:
+            return ModelSource(key, path=self.config.models_dir / "tiny" / key, filename=spec.filename)
+        override = self.config.models.get(key, {})
+        if self._env.get(env_var(key)):
+            return ModelSource(key, path=Path(self._env[env_var(key)]), filename=spec.filename)
+        if override.get("path"):
+            return ModelSource(key, path=Path(override["path"]), filename=override.get("filename", spec.filename))
+        return ModelSource(
+            key,
+            repo=override.get("repo", spec.repo),
+            revision=override.get("revision", spec.revision),
+            filename=override.get("filename", spec.filename),
+        )
+
+    def how_to_provide(self, key: str) -> str:
+        spec = self.specs[key]
+        return (
+            f"model {key!r} ({spec.repo}) is not available offline: download it (e.g. `hf download {spec.repo}`), "
+            f"or point {env_var(key)} at a local folder, or set [models.{key}] path = \"...\" in "
+            f"{self.config.data_dir / 'paletta.toml'}; `--profile tiny` runs without weights"
+        )

@@ -1,0 +1,141 @@
+"""Content-addressed asset store: ``assets/{sha256}``, written atomically, names validated.
+
+Files live at ``<data>/assets/<first two hex>/<sha256>`` with a JSON sidecar holding the
+media type and size, so an asset never changes once written and survives any crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from paletta_server.errors import InvalidArgument, NotFound, ResourceExhausted, invalid
+
+_NAME = re.compile(r"^assets/([0-9a-f]{64})$")
+_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+@dataclass(frozen=True)
+class AssetInfo:
+    name: str
+    mime: str
+    width: int
+    height: int
+    size_bytes: int
+
+
+def parse_asset_name(name: str, field_name: str = "name") -> str:
+    """Return the sha256 of a well-formed asset name, or raise InvalidArgument naming the field."""
+    match = _NAME.match(name or "")
+    if not match:
+        raise invalid(field_name, f"{name!r} is not an asset name of the form assets/{{sha256}}")
+    return match.group(1)
+
+
+def probe_image(data: bytes, max_pixels: int, field_name: str = "data") -> tuple[str, int, int]:
+    """Check that bytes are a whole PNG/JPEG/WebP within the pixel limit; return (mime, w, h).
+
+    The header is read first, so a decompression bomb (huge declared size) is refused before
+    any pixel is decoded.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, (width, height) = img.format, img.size
+            if fmt not in _FORMATS:
+                raise invalid(field_name, f"unsupported image format {fmt}; use PNG, JPEG or WebP")
+            if width <= 0 or height <= 0 or width * height > max_pixels:
+                raise invalid(field_name, f"image of {width}x{height} exceeds the limit of {max_pixels} pixels")
+            img.load()
+    except InvalidArgument:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise invalid(field_name, f"image exceeds the pixel limit: {exc}") from exc
+    except Exception as exc:  # Pillow raises many types for corrupt data
+        raise invalid(field_name, f"not a decodable image: {exc}") from exc
+    return _FORMATS[fmt], width, height
+
+
+class AssetStore:
+    def __init__(self, root: Path, max_bytes: int, max_pixels: int):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+
+    def _path(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    def put_image_bytes(self, data: bytes, field_name: str = "data") -> AssetInfo:
+        """Validate and store encoded image bytes (an upload or an inline ImageRef)."""
+        if len(data) > self.max_bytes:
+            raise ResourceExhausted(
+                f"{field_name}: {len(data)} bytes exceeds the upload limit of {self.max_bytes} bytes",
+                reason="ASSET_TOO_LARGE",
+            )
+        if not data:
+            raise invalid(field_name, "no bytes were sent")
+        mime, width, height = probe_image(data, self.max_pixels, field_name)
+        return self._write(data, mime, width, height)
+
+    def put_image(self, image: Image.Image, parameters: dict | None = None) -> AssetInfo:
+        """Store a PIL image as PNG, with effective parameters in a 'parameters' text chunk."""
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        if parameters is not None:
+            info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", pnginfo=info, compress_level=1)
+        return self._write(buf.getvalue(), "image/png", image.width, image.height)
+
+    def _write(self, data: bytes, mime: str, width: int, height: int) -> AssetInfo:
+        digest = hashlib.sha256(data).hexdigest()
+        info = AssetInfo(f"assets/{digest}", mime, width, height, len(data))
+        path = self._path(digest)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path.with_suffix(".json"), json.dumps(asdict(info)).encode())
+            _atomic_write(path, data)
+        return info
+
+    def get(self, name: str, field_name: str = "name") -> AssetInfo:
+        digest = parse_asset_name(name, field_name)
+        meta = self._path(digest).with_suffix(".json")
+        if not self._path(digest).exists() or not meta.exists():
+            raise NotFound(f"{field_name}: asset {name} does not exist", reason="ASSET_NOT_FOUND")
+        return AssetInfo(**json.loads(meta.read_text()))
+
+    def path(self, name: str, field_name: str = "name") -> Path:
+        self.get(name, field_name)
+        return self._path(parse_asset_name(name, field_name))
+
+    def open_image(self, name: str, field_name: str = "image") -> Image.Image:
+        with Image.open(self.path(name, field_name)) as img:
+            img.load()
+            return img.copy() if img.mode in ("RGB", "RGBA", "L") else img.convert("RGBA" if "A" in img.mode else "RGB")
+
+    def iter_bytes(self, name: str, chunk_size: int = 1 << 20):
+        with self.path(name).open("rb") as fh:
+            while chunk := fh.read(chunk_size):
+                yield chunk
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

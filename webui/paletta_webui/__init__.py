@@ -1,0 +1,1 @@
+"""Paletta web page."""
