@@ -16,6 +16,7 @@ class FieldViolation:
 class PalettaError(Exception):
     """Base of all domain errors; ``reason`` is the ErrorInfo reason clients switch on."""
 
+    code = "INTERNAL"  # canonical gRPC code name
     reason = "INTERNAL"
 
     def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None):
@@ -29,6 +30,7 @@ class PalettaError(Exception):
 class InvalidArgument(PalettaError):
     """The request is malformed; ``violations`` name the fields."""
 
+    code = "INVALID_ARGUMENT"  # canonical gRPC code name
     reason = "INVALID_ARGUMENT"
 
     def __init__(self, violations: list[FieldViolation] | FieldViolation, *, reason: str | None = None):
@@ -45,18 +47,21 @@ def invalid(field_name: str, description: str) -> InvalidArgument:
 class NotFound(PalettaError):
     """A named resource (job, asset, model, style) does not exist."""
 
+    code = "NOT_FOUND"  # canonical gRPC code name
     reason = "NOT_FOUND"
 
 
 class FailedPrecondition(PalettaError):
     """The system is not in a state to do this (model missing, CUDA missing, job not finished)."""
 
+    code = "FAILED_PRECONDITION"  # canonical gRPC code name
     reason = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(PalettaError):
     """A limit was hit (queue full, upload too large, out of memory)."""
 
+    code = "RESOURCE_EXHAUSTED"  # canonical gRPC code name
     reason = "RESOURCE_EXHAUSTED"
 
     def __init__(self, message: str, *, reason: str | None = None, retry_after_s: float | None = None,
@@ -79,6 +84,7 @@ class JobCancelled(Exception):
 class JobInterrupted(PalettaError):
     """The server stopped while the job ran."""
 
+    code = "ABORTED"  # canonical gRPC code name
     reason = "INTERRUPTED"
 
 

@@ -35,21 +35,11 @@ class Device:
 
     def describe(self) -> str:
         if self.name == "cuda":
-            import torch
+            from paletta_server.models.device import gpu_stats
 
-            return f"cuda:0 ({torch.cuda.get_device_name(0)})"
+            stats = gpu_stats()
+            return f"cuda:0 ({stats.name})" if stats else "cuda:0"
         return "cpu"
-
-
-def choose_device(requested_quantization: str) -> Device:
-    """Pick CUDA when present; without it NF4 and bf16 fall back to fp32 on CPU, loudly."""
-    import torch
-
-    if torch.cuda.is_available():
-        return Device("cuda", requested_quantization)
-    if requested_quantization == "fp32":
-        return Device("cpu", "fp32")
-    return Device("cpu", "fp32", note=f"{requested_quantization} needs CUDA; no GPU found, running fp32 on CPU")
 
 
 def import_object(dotted: str) -> Any:

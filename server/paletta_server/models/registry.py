@@ -9,8 +9,10 @@ profile every source is ``<data-dir>/models/tiny/<key>``, built on first use.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from paletta_server.config import Config
 from paletta_server.models.profiles import PROFILES, Profile
@@ -21,7 +23,7 @@ class ModelSpec:
     key: str
     repo: str
     capabilities: tuple[str, ...]
-    # "module:function" in paletta_server.engines that loads it: fn(source, profile, device) -> object.
+    # "module:function" in paletta_server.engines that loads it: fn(source, LoadContext) -> object.
     loader: str
     # "module:function" in paletta_server.engines.tiny that writes a tiny random-weight build to a folder.
     tiny_builder: str
@@ -50,6 +52,16 @@ class ModelSource:
         return str(self.path) if self.path else f"{self.repo}@{self.revision}"
 
 
+@dataclass(frozen=True)
+class LoadContext:
+    """What a loader gets besides its own source."""
+
+    profile: Profile
+    device: Any  # engines.common.Device
+    # Source of another registry key (e.g. the FLUX.1-dev base under a ControlNet); builds tiny ones.
+    source_of: Callable[[str], ModelSource]
+
+
 GB = 1024**3
 _E = "paletta_server.engines"
 _T = "paletta_server.engines.tiny"
@@ -58,20 +70,20 @@ SPECS: tuple[ModelSpec, ...] = (
     ModelSpec("flux-schnell", "black-forest-labs/FLUX.1-schnell", ("generate",),
               f"{_E}.flux:load_flux", f"{_T}.flux:build_schnell", estimated_bytes=12 * GB),
     ModelSpec("flux-kontext", "black-forest-labs/FLUX.1-Kontext-dev", ("edit",),
-              f"{_E}.flux:load_kontext", f"{_T}.flux:build_kontext", estimated_bytes=12 * GB),
+              f"{_E}.flux_edit:load_kontext", f"{_T}.flux_family:build_kontext", estimated_bytes=12 * GB),
     ModelSpec("flux-fill", "black-forest-labs/FLUX.1-Fill-dev", ("inpaint", "outpaint"),
-              f"{_E}.flux:load_fill", f"{_T}.flux:build_fill", estimated_bytes=12 * GB),
+              f"{_E}.flux_edit:load_fill", f"{_T}.flux_family:build_fill", estimated_bytes=12 * GB),
     ModelSpec("flux-controlnet-union", "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro", ("control",),
-              f"{_E}.flux:load_control", f"{_T}.flux:build_control", estimated_bytes=14 * GB),
+              f"{_E}.control:load_control", f"{_T}.flux_family:build_control", estimated_bytes=14 * GB),
     ModelSpec("flux-dev", "black-forest-labs/FLUX.1-dev", ("control",),
-              f"{_E}.flux:load_dev_components", f"{_T}.flux:build_dev", estimated_bytes=0),
+              f"{_E}.control:load_dev_source", f"{_T}.flux_family:build_dev", estimated_bytes=0),
     ModelSpec("ip-adapter", "XLabs-AI/flux-ip-adapter", ("generate", "edit", "control"),
-              f"{_E}.flux:load_ip_adapter_source", f"{_T}.flux:build_ip_adapter",
+              f"{_E}.ip_adapter:load_ip_adapter", f"{_T}.flux_family:build_ip_adapter",
               filename="ip_adapter.safetensors", estimated_bytes=1 * GB),
     ModelSpec("clip-vit-large", "openai/clip-vit-large-patch14", ("generate", "edit", "control"),
-              f"{_E}.flux:load_ip_adapter_source", f"{_T}.flux:build_image_encoder", estimated_bytes=1 * GB),
+              f"{_E}.ip_adapter:load_image_encoder", f"{_T}.flux_family:build_image_encoder", estimated_bytes=1 * GB),
     ModelSpec("hyper-sd", "ByteDance/Hyper-SD", ("generate", "edit"),
-              f"{_E}.styles:load_lora_source", f"{_T}.flux:build_lora",
+              f"{_E}.styles:load_lora_source", f"{_T}.flux_family:build_lora",
               filename="Hyper-FLUX.1-dev-8steps-lora.safetensors"),
     ModelSpec("qwen-image-edit", "Qwen/Qwen-Image-Edit", ("qwen_edit",),
               f"{_E}.qwen:load_qwen_edit", f"{_T}.qwen:build_qwen_edit", estimated_bytes=20 * GB),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from paletta_server.errors import ModelUnavailable, PalettaError
-from paletta_server.models.registry import ModelRegistry
+from paletta_server.models.registry import LoadContext, ModelRegistry, ModelSource
 
 # stage, model key, done (0 = started, 1 = finished)
 LoadListener = Callable[[str, str, int], None]
@@ -38,6 +38,7 @@ class ResidencyManager:
         self._pinned: set[str] = set()
         self._measured: dict[str, int] = {}
         self._lock = threading.RLock()
+        self._build_lock = threading.Lock()
         self.load_counts: Counter[str] = Counter()
 
     # -- queries -------------------------------------------------------------------------
@@ -85,16 +86,24 @@ class ResidencyManager:
                 listener("loading", key, 1)
             return obj
 
+    def source(self, key: str) -> ModelSource:
+        """The key's source; under the tiny profile its random-weight build is written on first use."""
+        from paletta_server.engines.common import import_object
+
+        source = self.registry.source(key)
+        if self.registry.profile.tiny and source.path is not None and not (source.path / ".complete").exists():
+            with self._build_lock:
+                if not (source.path / ".complete").exists():
+                    source.path.mkdir(parents=True, exist_ok=True)
+                    import_object(self.registry.spec(key).tiny_builder)(source.path)
+                    (source.path / ".complete").touch()
+        return source
+
     def _load(self, key: str) -> Any:
         from paletta_server.engines.common import import_object
 
         spec = self.registry.spec(key)
-        source = self.registry.source(key)
-        if self.registry.profile.tiny and source.path is not None and not (source.path / ".complete").exists():
-            builder = import_object(spec.tiny_builder)
-            source.path.mkdir(parents=True, exist_ok=True)
-            builder(source.path)
-            (source.path / ".complete").touch()
+        source = self.source(key)
         if source.path is not None and not source.path.exists():
             raise ModelUnavailable(
                 f"{key}: local folder {source.path} does not exist; " + self.registry.how_to_provide(key),
@@ -102,7 +111,7 @@ class ResidencyManager:
             )
         loader = import_object(spec.loader)
         try:
-            return loader(source, self.registry.profile, self.device)
+            return loader(source, LoadContext(self.registry.profile, self.device, self.source))
         except PalettaError:
             raise
         except (OSError, ConnectionError, ValueError, ImportError) as exc:

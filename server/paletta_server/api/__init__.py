@@ -1,0 +1,1 @@
+"""gRPC servicers: thin translation between proto and the job manager; errors mapped in errors.py."""

@@ -1,0 +1,100 @@
+"""Every capability RPC is the same: validate, queue (or re-attach), stream the job's events.
+
+The table below maps each (service, rpc) of the contracts to a capability name; servicer
+classes are generated from it, so adding a capability is one line here plus its module in
+``capabilities/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from paletta.v1 import job_pb2
+from paletta_server.api.errors import abort
+from paletta_server.app import PalettaApp
+from paletta_server.errors import PalettaError
+
+log = logging.getLogger(__name__)
+
+# (proto module, service, rpc) -> capability name
+CAPABILITY_RPCS: dict[tuple[str, str, str], str] = {
+    ("generate_service", "GenerateService", "Generate"): "generate",
+    ("edit_service", "EditService", "Edit"): "edit",
+    ("inpaint_service", "InpaintService", "Inpaint"): "inpaint",
+    ("inpaint_service", "InpaintService", "Outpaint"): "outpaint",
+    ("qwen_edit_service", "QwenEditService", "Edit"): "qwen_edit",
+    ("control_service", "ControlService", "Control"): "control",
+    ("upscale_service", "UpscaleService", "Upscale"): "upscale",
+    ("background_service", "BackgroundService", "RemoveBackground"): "remove_background",
+    ("segment_service", "SegmentService", "Segment"): "segment",
+    ("detect_service", "DetectService", "Detect"): "detect",
+    ("detect_service", "DetectService", "Ground"): "ground",
+    ("caption_service", "CaptionService", "Caption"): "caption",
+    ("caption_service", "CaptionService", "Analyze"): "analyze",
+    ("prompt_service", "PromptService", "Expand"): "expand",
+}
+
+
+async def submit_and_stream(app: PalettaApp, name: str, request: Any, context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[job_pb2.JobEvent]:
+    capability = app.capabilities.get(name)
+    if capability is None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"capability {name!r} is not available in this build")
+    manager = app.manager
+    job_id = None
+    try:
+        if request.request_id:
+            existing = manager.store.by_request_id(request.request_id)
+            job_id = existing.id if existing is not None and existing.capability == name else None
+        if job_id is None:
+            prepared = await asyncio.to_thread(capability.prepare, request, app.prepare_context)
+            models = capability.models(prepared, app.profile)
+            job_id, _ = manager.submit(
+                name, prepared, request.priority or capability.default_priority, request.request_id,
+                models[0] if models else "", request.cancel_on_disconnect,
+            )
+    except PalettaError as exc:
+        await abort(context, exc)
+    finished = False
+    try:
+        async for event in manager.watch(job_id, 0):
+            finished = event.HasField("finished")
+            yield event
+    finally:
+        if not finished and request.cancel_on_disconnect and context.cancelled():
+            log.info("client left; cancelling %s as it asked", job_id)
+            manager.cancel(job_id)
+
+
+def _servicer_class(module: str, service: str, rpcs: dict[str, str], app: PalettaApp) -> Any:
+    grpc_module = importlib.import_module(f"paletta.v1.{module}_pb2_grpc")
+    base = getattr(grpc_module, f"{service}Servicer")
+
+    def make(cap_name: str) -> Any:
+        async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for event in submit_and_stream(app, cap_name, request, context):
+                yield event
+
+        return handler
+
+    cls = type(f"{service}Servicer", (base,), {rpc: make(cap) for rpc, cap in rpcs.items()})
+    return cls(), getattr(grpc_module, f"add_{service}Servicer_to_server")
+
+
+def add_capability_services(server: grpc.aio.Server, app: PalettaApp) -> list[str]:
+    """Register every capability service; returns their full names (for health and reflection)."""
+    grouped: dict[tuple[str, str], dict[str, str]] = {}
+    for (module, service, rpc), cap in CAPABILITY_RPCS.items():
+        grouped.setdefault((module, service), {})[rpc] = cap
+    names = []
+    for (module, service), rpcs in grouped.items():
+        servicer, add = _servicer_class(module, service, rpcs, app)
+        add(servicer, server)
+        names.append(f"paletta.v1.{service}")
+    return names

@@ -1,0 +1,138 @@
+"""Validation and input helpers shared by capabilities."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+from paletta.v1 import image_pb2
+from paletta_server.capabilities.base import PrepareContext
+from paletta_server.errors import FieldViolation, InvalidArgument, invalid
+
+MAX_PROMPT = 2000
+
+
+class Violations:
+    """Collects field violations so a request reports all its problems at once."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field_name: str, description: str) -> None:
+        self.items.append(FieldViolation(field_name, description))
+
+    def check(self, ok: bool, field_name: str, description: str) -> None:
+        if not ok:
+            self.add(field_name, description)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)
+
+
+def check_prompt(v: Violations, prompt: str, field_name: str = "prompt", required: bool = True) -> None:
+    if required and not prompt.strip():
+        v.add(field_name, "must not be empty")
+    elif len(prompt) > MAX_PROMPT:
+        v.add(field_name, f"must be at most {MAX_PROMPT} characters")
+
+
+def check_range(v: Violations, value: float, lo: float, hi: float, field_name: str) -> None:
+    if not lo <= value <= hi:
+        v.add(field_name, f"must be in [{lo:g}, {hi:g}], got {value:g}")
+
+
+def check_size(v: Violations, value: int, max_edge: int, field_name: str) -> None:
+    if value <= 0:
+        v.add(field_name, f"must be positive, got {value}")
+    elif value % 16:
+        v.add(field_name, f"must be a multiple of 16, got {value}")
+    elif value > max_edge:
+        v.add(field_name, f"must be at most {max_edge} in this profile, got {value}")
+
+
+def default_steps(v: Violations, steps: int, default: int, field_name: str = "steps") -> int:
+    if steps == 0:
+        return default
+    check_range(v, steps, 1, 100, field_name)
+    return steps
+
+
+def default_variants(v: Violations, variants: int, field_name: str = "variants") -> int:
+    if variants == 0:
+        return 1
+    check_range(v, variants, 1, 8, field_name)
+    return variants
+
+
+def resolve_seed(request: Any) -> None:
+    """Fix a random seed on the request so the job is reproducible and restart-safe."""
+    if not request.HasField("seed"):
+        request.seed = random.randrange(0, 2**31)
+
+
+def resolve_image(ctx: PrepareContext, ref: image_pb2.ImageRef, field_name: str, required: bool = True) -> None:
+    """Check an ImageRef; inline bytes are stored as an asset and replaced by its name."""
+    which = ref.WhichOneof("source")
+    if which is None:
+        if required:
+            raise invalid(field_name, "an image is required (asset name or inline bytes)")
+        return
+    if which == "inline":
+        info = ctx.assets.put_image_bytes(ref.inline, f"{field_name}.inline")
+        ref.asset = info.name
+    else:
+        ctx.assets.get(ref.asset, f"{field_name}.asset")
+
+
+def check_styles(v: Violations, ctx: PrepareContext, styles: Any, allowed: bool, mode: str) -> None:
+    """Styles apply to generate and Kontext edit only; elsewhere they are refused, never ignored."""
+    if not styles:
+        return
+    if not allowed:
+        v.add("styles", f"style LoRAs are not supported by {mode}; remove them")
+        return
+    for i, style in enumerate(styles):
+        if not ctx.styles.has(style.name):
+            v.add(f"styles[{i}].name", f"unknown style {style.name!r}; see StyleService.ListStyles")
+        if style.HasField("weight"):
+            check_range(v, style.weight, 0.0, 2.0, f"styles[{i}].weight")
+
+
+def check_image_prompt(v: Violations, ctx: PrepareContext, request: Any) -> None:
+    if not request.HasField("image_prompt"):
+        return
+    ip = request.image_prompt
+    if ip.HasField("weight"):
+        check_range(v, ip.weight, 0.0, 2.0, "image_prompt.weight")
+    if ip.image.WhichOneof("source") is None:
+        v.add("image_prompt.image", "an image is required")
+        return
+    resolve_image(ctx, ip.image, "image_prompt.image")
+
+
+@contextmanager
+def diffusion_extras(pipe: Any, request: Any, ctx: Any) -> Iterator[tuple[str, dict, dict]]:
+    """Apply a request's style LoRAs and image prompt to a pipeline for the job's duration.
+
+    Yields (effective prompt, extra pipeline kwargs, applied parameters for the PNG). Styles and
+    IP-Adapter live in engines/styles.py and engines/ip_adapter.py; without them this is a no-op.
+    """
+    prompt = request.prompt
+    extra: dict[str, Any] = {}
+    applied: dict[str, Any] = {}
+    with ExitStack() as stack:
+        if list(getattr(request, "styles", [])):
+            from paletta_server.engines import styles as style_engine
+
+            prompt, applied["styles"] = stack.enter_context(
+                style_engine.applied_styles(pipe, request.styles, ctx, prompt))
+        if request.HasField("image_prompt") if hasattr(request, "image_prompt") else False:
+            from paletta_server.engines import ip_adapter
+
+            kwargs, applied["image_prompt"] = stack.enter_context(
+                ip_adapter.applied_image_prompt(pipe, request.image_prompt, ctx))
+            extra.update(kwargs)
+        yield prompt, extra, applied

@@ -1,0 +1,61 @@
+"""Text-to-image with FLUX.1-schnell: variants with consecutive seeds, progress and previews."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from paletta.v1 import generate_service_pb2
+from paletta_server.capabilities import common
+from paletta_server.capabilities.base import Capability, PrepareContext, RunContext
+from paletta_server.models.profiles import Profile
+
+MODEL = "flux-schnell"
+DEFAULT_EDGE = 1024
+DEFAULT_STEPS = 4  # schnell is distilled for 1-4 steps
+
+
+def prepare(request: generate_service_pb2.GenerateRequest, ctx: PrepareContext) -> Any:
+    v = common.Violations()
+    common.check_prompt(v, request.prompt)
+    max_edge = ctx.profile.max_generate_edge
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value == 0:
+            setattr(request, name, min(DEFAULT_EDGE, max_edge))
+        else:
+            common.check_size(v, value, max_edge, name)
+    request.steps = common.default_steps(v, request.steps, DEFAULT_STEPS)
+    request.variants = common.default_variants(v, request.variants)
+    if request.HasField("guidance"):
+        common.check_range(v, request.guidance, 0.0, 20.0, "guidance")
+    common.check_styles(v, ctx, request.styles, allowed=True, mode="generate")
+    common.check_image_prompt(v, ctx, request)
+    v.raise_if_any()
+    common.resolve_seed(request)
+    return request
+
+
+def models(request: generate_service_pb2.GenerateRequest, profile: Profile) -> list[str]:
+    return [MODEL] + (["ip-adapter", "clip-vit-large"] if request.HasField("image_prompt") else [])
+
+
+def run(request: generate_service_pb2.GenerateRequest, ctx: RunContext) -> None:
+    from paletta_server.engines import flux
+
+    pipe = ctx.model(MODEL)
+    guidance = request.guidance if request.HasField("guidance") else 0.0
+    with common.diffusion_extras(pipe, request, ctx) as (prompt, extra, applied):
+        for i in range(request.variants):
+            seed = request.seed + i
+            image = flux.text_to_image(
+                pipe, ctx, prompt=prompt, width=request.width, height=request.height, steps=request.steps,
+                seed=seed, guidance=guidance, preview_every=ctx.config.preview_every, **extra,
+            )
+            ctx.emit_output(image, seed=seed, parameters={
+                "model": MODEL, "prompt": request.prompt, "effective_prompt": prompt, "width": request.width,
+                "height": request.height, "steps": request.steps, "seed": seed, "guidance": guidance,
+                "variant": i, "profile": ctx.profile.name, **applied,
+            })
+
+
+CAPABILITY = Capability("generate", generate_service_pb2.GenerateRequest, prepare, models, run)

@@ -1,0 +1,123 @@
+"""FLUX.1 pipelines through diffusers: loading (NF4 / bf16 / fp32), text-to-image, step
+callbacks, and cheap latent previews. The edit, fill and control engines build on these."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from paletta_server.engines.common import ProgressSink, step_callback
+from paletta_server.models.registry import LoadContext, ModelSource
+
+NF4_COMPONENTS = ["transformer", "text_encoder_2"]
+
+
+def pretrained_kwargs(source: ModelSource, lc: LoadContext, quantize: list[str] | None = None) -> dict[str, Any]:
+    """from_pretrained arguments for a registry source: local folder or repo@revision, dtype, NF4."""
+    kwargs: dict[str, Any] = {"dtype": lc.device.dtype}
+    if source.local:
+        kwargs["local_files_only"] = True
+    else:
+        kwargs["revision"] = source.revision
+    if lc.device.quantization == "nf4" and lc.device.name == "cuda":
+        import torch
+        from diffusers.quantizers import PipelineQuantizationConfig
+
+        kwargs["quantization_config"] = PipelineQuantizationConfig(
+            quant_backend="bitsandbytes_4bit",
+            quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                          "bnb_4bit_compute_dtype": torch.bfloat16},
+            components_to_quantize=quantize if quantize is not None else NF4_COMPONENTS,
+        )
+    return kwargs
+
+
+def load_pipeline(cls: Any, source: ModelSource, lc: LoadContext, **extra: Any) -> Any:
+    """Load a diffusers pipeline class from a source and move it to the device."""
+    location = str(source.path) if source.local else source.repo
+    pipe = cls.from_pretrained(location, **pretrained_kwargs(source, lc), **extra)
+    pipe.to(lc.device.name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_flux(source: ModelSource, lc: LoadContext) -> Any:
+    from diffusers import FluxPipeline
+
+    return load_pipeline(FluxPipeline, source, lc)
+
+
+def generator(device: str, seed: int) -> Any:
+    import torch
+
+    return torch.Generator(device="cpu" if device != "cuda" else "cuda").manual_seed(seed)
+
+
+class LatentPreview:
+    """Latent → RGB by a 16→3 linear map fitted once against the pipeline's own VAE.
+
+    Decoding a tiny random latent and regressing its colours on the latent channels gives a
+    map that works for any FLUX-family VAE without a hand-copied table; a preview then costs
+    a matrix product instead of a VAE decode.
+    """
+
+    def __init__(self, pipe: Any):
+        import torch
+
+        vae = pipe.vae
+        channels = vae.config.latent_channels
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            latents = torch.randn(1, channels, 8, 8, generator=gen).to(vae.device, vae.dtype)
+            image = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+            rgb = torch.nn.functional.adaptive_avg_pool2d(image.float(), (8, 8))
+        x = latents.float().reshape(channels, -1).T.cpu()  # (64, C)
+        y = rgb.reshape(3, -1).T.cpu()  # (64, 3)
+        x1 = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
+        self.weights = torch.linalg.lstsq(x1, y).solution  # (C + 1, 3)
+        self.scale = pipe.vae_scale_factor
+        self.unpack = getattr(type(pipe), "_unpack_latents", None)
+
+    def __call__(self, latents: Any, height: int, width: int) -> Any:
+        import torch
+        from PIL import Image
+
+        with torch.no_grad():
+            if latents.dim() == 3 and self.unpack is not None:  # FLUX packs 2x2 patches into tokens
+                latents = self.unpack(latents, height, width, self.scale)
+            lat = latents[0].float().cpu()  # (C, h, w)
+            c, h, w = lat.shape
+            x = torch.cat([lat.reshape(c, -1).T, torch.ones(h * w, 1)], dim=1)
+            rgb = (x @ self.weights).T.reshape(3, h, w)
+            rgb = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).numpy()
+        return Image.fromarray(rgb, "RGB")
+
+
+def preview_for(pipe: Any) -> LatentPreview:
+    cached = getattr(pipe, "_paletta_preview", None)
+    if cached is None:
+        cached = LatentPreview(pipe)
+        pipe._paletta_preview = cached
+    return cached
+
+
+def run_pipeline(pipe: Any, sink: ProgressSink, *, steps: int, height: int, width: int,
+                 preview_every: int = 2, **kwargs: Any) -> Any:
+    """Call a FLUX-family pipeline with progress, previews and cancellation; returns a PIL image."""
+    preview = preview_for(pipe)
+
+    def send_preview(latents: Any, step: int) -> None:
+        sink.preview(preview(latents, height, width), step)
+
+    sink.check_cancelled()
+    callback = step_callback(sink, steps, send_preview, preview_every)
+    result = pipe(num_inference_steps=steps, height=height, width=width, callback_on_step_end=callback,
+                  callback_on_step_end_tensor_inputs=["latents"], **kwargs)
+    return result.images[0]
+
+
+def text_to_image(pipe: Any, sink: ProgressSink, *, prompt: str, width: int, height: int, steps: int, seed: int,
+                  guidance: float, preview_every: int = 2, **extra: Any) -> Any:
+    return run_pipeline(
+        pipe, sink, steps=steps, height=height, width=width, preview_every=preview_every, prompt=prompt,
+        guidance_scale=guidance, generator=generator(str(pipe.device.type), seed), **extra,
+    )

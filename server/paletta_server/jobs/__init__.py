@@ -1,0 +1,1 @@
+"""Jobs: persisted store, pure scheduler, event hub and the device worker."""

@@ -1,0 +1,187 @@
+"""Job store on SQLite through SQLAlchemy: jobs, their requests, and every event with its seq.
+
+Events are stored as serialized ``paletta.v1.JobEvent`` messages (the contract is the record
+format), so replaying after a restart returns exactly what live watchers saw.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    Boolean, DateTime, ForeignKey, Integer, LargeBinary, String, Text, create_engine, event, func, select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+FINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    capability: Mapped[str] = mapped_column(String(32), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    priority: Mapped[int] = mapped_column(Integer)
+    request_id: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
+    request: Mapped[bytes] = mapped_column(LargeBinary)
+    model_key: Mapped[str] = mapped_column(String(64), default="")
+    cancel_on_disconnect: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[datetime] = mapped_column(DateTime, index=True)
+    started: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    ended: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    error_code: Mapped[str] = mapped_column(String(32), default="")
+    error_reason: Mapped[str] = mapped_column(String(64), default="")
+    error_message: Mapped[str] = mapped_column(Text, default="")
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class OutputRow(Base):
+    __tablename__ = "outputs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # serialized JobOutput
+    approved: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    approved_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class JobStore:
+    """Thread-safe: one lock serialises writes; SQLite runs in WAL mode so readers don't block."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
+
+        @event.listens_for(self.engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # noqa: ANN001
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL: a commit survives a process crash (kill -9); only power loss may lose the last.
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.close()
+
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._lock = threading.Lock()
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    # -- jobs ----------------------------------------------------------------------------
+    def create(self, capability: str, request: bytes, priority: int, request_id: str, model_key: str,
+               cancel_on_disconnect: bool) -> JobRow:
+        row = JobRow(
+            id=uuid.uuid4().hex, capability=capability, state=QUEUED, priority=priority,
+            request_id=request_id or None, request=request, model_key=model_key,
+            cancel_on_disconnect=cancel_on_disconnect, created=now(),
+        )
+        with self._lock, self.session() as s:
+            s.add(row)
+            s.commit()
+        return row
+
+    def get(self, job_id: str) -> JobRow | None:
+        with self.session() as s:
+            return s.get(JobRow, job_id)
+
+    def by_request_id(self, request_id: str) -> JobRow | None:
+        with self.session() as s:
+            return s.scalars(select(JobRow).where(JobRow.request_id == request_id)).first()
+
+    def list(self, states: list[str], capability: str, offset: int, limit: int) -> list[JobRow]:
+        query = select(JobRow).order_by(JobRow.created.desc(), JobRow.id.desc())
+        if states:
+            query = query.where(JobRow.state.in_(states))
+        if capability:
+            query = query.where(JobRow.capability == capability)
+        with self.session() as s:
+            return list(s.scalars(query.offset(offset).limit(limit)))
+
+    def in_state(self, state: str) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(JobRow.state == state).order_by(JobRow.created)))
+
+    def set_state(self, job_id: str, state: str, *, error: tuple[str, str, str] | None = None) -> JobRow:
+        with self._lock, self.session() as s:
+            row = s.get(JobRow, job_id)
+            assert row is not None
+            row.state = state
+            if state == RUNNING:
+                row.started = now()
+            if state in FINAL:
+                row.ended = now()
+            if error:
+                row.error_code, row.error_reason, row.error_message = error
+            s.commit()
+            return row
+
+    # -- events --------------------------------------------------------------------------
+    def append_event(self, job_id: str, kind: str, build) -> tuple[int, bytes]:
+        """Assign the next seq, let ``build(seq)`` serialise the event, persist it; return (seq, bytes)."""
+        with self._lock, self.session() as s:
+            row = s.get(JobRow, job_id)
+            assert row is not None
+            row.last_seq += 1
+            data = build(row.last_seq)
+            s.add(EventRow(job_id=job_id, seq=row.last_seq, kind=kind, data=data))
+            s.commit()
+            return row.last_seq, data
+
+    def events_after(self, job_id: str, after_seq: int) -> list[bytes]:
+        with self.session() as s:
+            query = (select(EventRow.data).where(EventRow.job_id == job_id, EventRow.seq > after_seq)
+                     .order_by(EventRow.seq))
+            return list(s.scalars(query))
+
+    # -- outputs -------------------------------------------------------------------------
+    def add_output(self, job_id: str, index: int, data: bytes) -> None:
+        with self._lock, self.session() as s:
+            s.merge(OutputRow(job_id=job_id, index=index, data=data))
+            s.commit()
+
+    def outputs(self, job_id: str) -> list[OutputRow]:
+        with self.session() as s:
+            return list(s.scalars(select(OutputRow).where(OutputRow.job_id == job_id).order_by(OutputRow.index)))
+
+    def set_approved(self, job_id: str, index: int, approved: bool) -> bool:
+        with self._lock, self.session() as s:
+            row = s.get(OutputRow, (job_id, index))
+            if row is None:
+                return False
+            row.approved, row.approved_at = approved, (now() if approved else None)
+            s.commit()
+            return True
+
+    def approved(self, offset: int, limit: int) -> list[tuple[JobRow, OutputRow]]:
+        query = (select(JobRow, OutputRow).join(OutputRow, OutputRow.job_id == JobRow.id)
+                 .where(OutputRow.approved.is_(True))
+                 .order_by(JobRow.created.desc(), OutputRow.index).offset(offset).limit(limit))
+        with self.session() as s:
+            return [(j, o) for j, o in s.execute(query)]
+
+    def count(self, state: str) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == state)) or 0

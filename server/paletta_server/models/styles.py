@@ -1,0 +1,81 @@
+"""Style LoRA registry: the seed's five built-ins plus ``styles.toml`` / ``styles.json`` in the data dir.
+
+A style's ``source`` is ``"<repo id>/<file>.safetensors"`` or a local ``.safetensors`` path.
+Only safetensors files are accepted (pickled ``.bin``/``.pt`` LoRAs can run code on load).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StyleSpec:
+    name: str
+    label: str
+    best_for: str
+    trigger_word: str
+    default_weight: float
+    repo: str = ""
+    weight_name: str = ""
+    path: Path | None = None
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.path else f"{self.repo}/{self.weight_name}"
+
+
+BUILTIN_STYLES: tuple[StyleSpec, ...] = (
+    StyleSpec("realism", "XLabs Realism", "photoreal sci-fi (mecha, EVA suits, station)", "", 1.0,
+              "XLabs-AI/flux-RealismLora", "lora.safetensors"),
+    StyleSpec("koda", "Koda (analog film)", "cinematic, Tarkovsky-Solaris vibe", "flmft style", 1.0,
+              "alvdansen/flux-koda", "araminta_k_flux_koda.safetensors"),
+    StyleSpec("tarot", "Tarot card", "ornate fantasy, mystical, symbolic",
+              "in the style of TOK a trtcrd tarot style", 1.0,
+              "multimodalart/flux-tarot-v1", "flux_tarot_v1_lora.safetensors"),
+    StyleSpec("ghibsky", "Ghibsky", "cosy-fantasy landscapes, Ghibli-esque", "GHIBSKY style", 1.0,
+              "aleksa-codes/flux-ghibsky-illustration", "lora.safetensors"),
+    StyleSpec("anime", "Synthetic Anime", "anime/manga keyframes, character art", "", 1.0,
+              "dataautogpt3/FLUX-SyntheticAnime", "Flux_1_Dev_LoRA_syntheticanime.safetensors"),
+)
+
+
+class StyleRegistry:
+    def __init__(self, data_dir: Path):
+        self._styles = {s.name: s for s in BUILTIN_STYLES}
+        for path in (data_dir / "styles.toml", data_dir / "styles.json"):
+            if path.exists():
+                self._styles.update({s.name: s for s in _read_extra(path, data_dir)})
+
+    def has(self, name: str) -> bool:
+        return name in self._styles
+
+    def get(self, name: str) -> StyleSpec:
+        return self._styles[name]
+
+    def all(self) -> list[StyleSpec]:
+        return [self._styles[k] for k in sorted(self._styles)]
+
+
+def _read_extra(path: Path, data_dir: Path) -> list[StyleSpec]:
+    """Entries: {name, label, best_for, trigger_word, default_weight, and path or repo + weight_name}."""
+    raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    entries = raw.get("styles", raw) if isinstance(raw, dict) else raw
+    if isinstance(entries, dict):
+        entries = [{"name": k, **v} for k, v in entries.items()]
+    specs = []
+    for entry in entries:
+        local = entry.get("path")
+        file_name = local or entry.get("weight_name", "")
+        if not str(file_name).endswith(".safetensors"):
+            raise ValueError(f"{path}: style {entry.get('name')!r} must be a .safetensors file")
+        specs.append(StyleSpec(
+            name=entry["name"], label=entry.get("label", entry["name"]), best_for=entry.get("best_for", ""),
+            trigger_word=entry.get("trigger_word", ""), default_weight=float(entry.get("default_weight", 1.0)),
+            repo=entry.get("repo", ""), weight_name=entry.get("weight_name", ""),
+            path=(data_dir / local) if local else None,
+        ))
+    return specs
