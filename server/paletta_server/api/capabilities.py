@@ -61,15 +61,15 @@ async def submit_and_stream(app: PalettaApp, name: str, request: Any, context: g
             )
     except PalettaError as exc:
         await abort(context, exc)
-    finished = False
     try:
         async for event in manager.watch(job_id, 0):
-            finished = event.HasField("finished")
             yield event
-    finally:
-        if not finished and request.cancel_on_disconnect and context.cancelled():
-            log.info("client left; cancelling %s as it asked", job_id)
+    except asyncio.CancelledError:
+        # The client went away. Its job goes on unless the request asked otherwise.
+        if request.cancel_on_disconnect:
+            log.info("client left; cancelling jobs/%s as it asked", job_id)
             manager.cancel(job_id)
+        raise
 
 
 def _servicer_class(module: str, service: str, rpcs: dict[str, str], app: PalettaApp) -> Any:

@@ -1,0 +1,71 @@
+"""Small helpers shared by the gRPC-level tests."""
+
+from __future__ import annotations
+
+import io
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from PIL import Image
+
+from paletta.v1 import asset_service_pb2, asset_service_pb2_grpc, job_pb2
+
+
+async def collect(stream) -> list[job_pb2.JobEvent]:
+    """Read a server stream to its end (read() style, so a test may read() a few events first)."""
+    events = []
+    while (event := await stream.read()) is not grpc.aio.EOF:
+        events.append(event)
+    return events
+
+
+def kinds(events: list[job_pb2.JobEvent]) -> list[str]:
+    return [e.WhichOneof("kind") for e in events]
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """BadRequest field → description from a rich error status."""
+    status = rpc_status.from_call(error)
+    found: dict[str, str] = {}
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found.update({v.field: v.description for v in bad.field_violations})
+    return found
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""
+
+
+async def download(channel: grpc.aio.Channel, name: str) -> bytes:
+    stub = asset_service_pb2_grpc.AssetServiceStub(channel)
+    return b"".join([c.data async for c in stub.DownloadAsset(asset_service_pb2.DownloadAssetRequest(name=name))])
+
+
+async def download_image(channel: grpc.aio.Channel, name: str) -> Image.Image:
+    return Image.open(io.BytesIO(await download(channel, name)))
+
+
+async def upload(channel: grpc.aio.Channel, data: bytes, chunk: int = 256 * 1024):
+    stub = asset_service_pb2_grpc.AssetServiceStub(channel)
+
+    async def chunks():
+        for i in range(0, len(data), chunk):
+            yield asset_service_pb2.UploadAssetRequest(data=data[i:i + chunk])
+
+    return await stub.UploadAsset(chunks())
+
+
+def png_bytes(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 30, 60)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()

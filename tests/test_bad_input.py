@@ -1,0 +1,113 @@
+"""Bad input gets INVALID_ARGUMENT (or NOT_FOUND / RESOURCE_EXHAUSTED) naming the field; the server keeps serving."""
+
+import io
+
+import grpc
+import pytest
+from PIL import Image
+
+from paletta.v1 import asset_service_pb2 as asset_pb
+from paletta.v1 import asset_service_pb2_grpc as asset_grpc
+from paletta.v1 import generate_service_pb2 as gen
+from paletta.v1 import generate_service_pb2_grpc as gen_grpc
+from paletta.v1 import image_pb2, job_pb2
+from tests.helpers import collect, error_reason, field_violations, png_bytes, upload
+
+GOOD = dict(prompt="a knight", width=64, height=64, steps=2, seed=1)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(prompt=""), "prompt"),
+    (dict(prompt="   "), "prompt"),
+    (dict(width=-16), "width"),
+    (dict(height=-1), "height"),
+    (dict(width=100), "width"),
+    (dict(height=2048), "height"),
+    (dict(width=4096), "width"),
+    (dict(steps=101), "steps"),
+    (dict(steps=-1), "steps"),
+    (dict(variants=9), "variants"),
+    (dict(variants=-1), "variants"),
+    (dict(guidance=-1.0), "guidance"),
+])
+async def test_generate_rejects_bad_fields(server, change, field):
+    stub = gen_grpc.GenerateServiceStub(server.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub.Generate(gen.GenerateRequest(**{**GOOD, **change})))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in field_violations(err.value)
+
+
+async def test_zero_steps_and_variants_take_defaults(server):
+    # 0 is "unset" in proto3: steps 0 means schnell's 4, variants 0 means 1.
+    stub = gen_grpc.GenerateServiceStub(server.channel)
+    events = await collect(stub.Generate(gen.GenerateRequest(prompt="a", width=64, height=64, seed=1)))
+    out = [e.output for e in events if e.HasField("output")]
+    assert len(out) == 1 and '"steps": 4' in out[0].parameters
+
+
+async def test_all_violations_reported_together(server):
+    stub = gen_grpc.GenerateServiceStub(server.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub.Generate(gen.GenerateRequest(prompt="", width=17, height=64, steps=500, variants=99)))
+    assert {"prompt", "width", "steps", "variants"} <= set(field_violations(err.value))
+
+
+async def test_unknown_and_malformed_assets(server):
+    stub = asset_grpc.AssetServiceStub(server.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetAsset(asset_pb.GetAssetRequest(name="assets/" + "0" * 64))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    for bad in ("../../etc/passwd", "assets/../../etc/passwd", "assets/xyz", ""):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetAsset(asset_pb.GetAssetRequest(name=bad))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "name" in field_violations(err.value)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub.DownloadAsset(asset_pb.DownloadAssetRequest(name=bad)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_unknown_image_prompt_asset_is_not_found(server):
+    stub = gen_grpc.GenerateServiceStub(server.channel)
+    req = gen.GenerateRequest(**GOOD, image_prompt=image_pb2.ImagePrompt(
+        image=image_pb2.ImageRef(asset="assets/" + "a" * 64)))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub.Generate(req))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_corrupt_image_and_decompression_bomb(server):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(server.channel, b"\x89PNG\r\n\x1a\nthis is not a png")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "data" in field_violations(err.value)
+    truncated = png_bytes((64, 64))[:-40]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(server.channel, truncated)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A tiny file that declares 30000 x 30000 pixels: refused from the header, never decoded.
+    bomb = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(bomb, format="PNG")
+    assert len(bomb.getvalue()) < 200_000
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(server.channel, bomb.getvalue())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "pixel" in field_violations(err.value)["data"]
+
+
+async def test_upload_over_size_limit(server_factory):
+    handle = await server_factory(max_upload_bytes=10_000)
+    big = io.BytesIO()
+    Image.effect_noise((200, 200), 64).save(big, format="PNG")
+    assert len(big.getvalue()) > 10_000
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(handle.channel, big.getvalue(), chunk=4096)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(err.value) == "ASSET_TOO_LARGE"
+
+
+async def test_server_keeps_serving_after_bad_input(server):
+    stub = gen_grpc.GenerateServiceStub(server.channel)
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await collect(stub.Generate(gen.GenerateRequest(prompt="")))
+    events = await collect(stub.Generate(gen.GenerateRequest(**GOOD)))
+    assert events[-1].finished.job.state == job_pb2.JOB_STATE_SUCCEEDED
