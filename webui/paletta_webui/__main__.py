@@ -1,0 +1,34 @@
+"""``python -m paletta_webui --address 127.0.0.1:50051 --port 8080``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import paletta
+from nicegui import ui
+
+from paletta_webui.page import make_root
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="paletta_webui", description="Paletta web page (a client of the server)."
+    )
+    parser.add_argument("--address", default=os.environ.get("PALETTA_ADDRESS", paletta.DEFAULT_ADDRESS))
+    parser.add_argument("--token", default=os.environ.get("PALETTA_TOKEN", ""))
+    parser.add_argument("--tls-root-cert", default=os.environ.get("PALETTA_TLS_ROOT_CERT", ""))
+    parser.add_argument("--host", default="127.0.0.1", help="where the page listens")
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args(argv)
+
+    def client() -> paletta.AsyncClient:
+        return paletta.AsyncClient(
+            args.address, token=args.token or None, tls_root_cert=args.tls_root_cert or None
+        )
+
+    ui.run(make_root(client), host=args.host, port=args.port, title="Paletta", reload=False, show=False)
+
+
+if __name__ in {"__main__", "__mp_main__"}:
+    main()
