@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from paletta.v1 import generate_service_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+
 from tests.conftest import link_tiny_models
 from tests.helpers import collect, download
 
@@ -56,7 +56,8 @@ async def test_kill_9_then_restart(tmp_path, tiny_models_dir):
     try:
         channel = await wait_serving(address)
         gen_stub = gen_grpc.GenerateServiceStub(channel)
-        done = await collect(gen_stub.Generate(gen.GenerateRequest(prompt="kept", width=64, height=64, steps=1, seed=1)))
+        kept = gen.GenerateRequest(prompt="kept", width=64, height=64, steps=1, seed=1)
+        done = await collect(gen_stub.Generate(kept))
         kept_asset = next(e.output.asset.name for e in done if e.HasField("output"))
         kept_bytes = await download(channel, kept_asset)
         running = gen_stub.Generate(gen.GenerateRequest(prompt="cut", width=256, height=256, steps=100, seed=2))

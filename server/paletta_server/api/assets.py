@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-
 from paletta.v1 import asset_service_pb2, asset_service_pb2_grpc, image_pb2
+
 from paletta_server.api.errors import abort, streaming, unary
 from paletta_server.app import PalettaApp
-from paletta_server.errors import PalettaError, ResourceExhausted
+from paletta_server.errors import PalettaError
 from paletta_server.storage import AssetInfo
 
 CHUNK = 1 << 20
@@ -25,20 +25,16 @@ class AssetServicer(asset_service_pb2_grpc.AssetServiceServicer):
         self.assets = app.assets
 
     async def UploadAsset(self, request_iterator, context: grpc.aio.ServicerContext) -> image_pb2.Asset:
+        upload = await asyncio.to_thread(self.assets.begin_upload)
         try:
-            parts: list[bytes] = []
-            size = 0
             async for chunk in request_iterator:
-                size += len(chunk.data)
-                if size > self.assets.max_bytes:
-                    # Refuse as soon as the limit is crossed instead of buffering the rest.
-                    raise ResourceExhausted(f"data: upload exceeds the limit of {self.assets.max_bytes} bytes",
-                                            reason="ASSET_TOO_LARGE")
-                parts.append(chunk.data)
-            info = await asyncio.to_thread(self.assets.put_image_bytes, b"".join(parts), "data")
-            return asset_message(info)
+                # Refuses as soon as the size limit is crossed instead of buffering the rest.
+                await asyncio.to_thread(upload.write, chunk.data)
+            return asset_message(await asyncio.to_thread(upload.commit, "data"))
         except PalettaError as exc:
             await abort(context, exc)
+        finally:
+            await asyncio.to_thread(upload.abort)
 
     @streaming
     async def DownloadAsset(self, request: asset_service_pb2.DownloadAssetRequest, context: grpc.aio.ServicerContext):

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf.message import Message
-
 from paletta.v1 import image_pb2
 
 if TYPE_CHECKING:
@@ -21,8 +20,8 @@ if TYPE_CHECKING:
     from paletta_server.config import Config
     from paletta_server.engines.common import Device
     from paletta_server.models.profiles import Profile
-    from paletta_server.storage import AssetInfo, AssetStore
     from paletta_server.models.styles import StyleRegistry
+    from paletta_server.storage import AssetInfo, AssetStore
 
 NORMAL = image_pb2.PRIORITY_NORMAL
 HIGH = image_pb2.PRIORITY_HIGH

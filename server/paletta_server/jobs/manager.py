@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paletta.v1 import job_pb2
+
 from paletta_server.capabilities.base import Capability
 from paletta_server.errors import FailedPrecondition, NotFound, ResourceExhausted, invalid
 from paletta_server.jobs import store as st
@@ -198,7 +199,8 @@ class JobManager:
             raise NotFound(f"job {job_name(job_id)} has no output {index}", reason="OUTPUT_NOT_FOUND")
         return self.job(job_id)
 
-    def approved_outputs(self, page_size: int, page_token: str) -> tuple[list[tuple[st.JobRow, job_pb2.JobOutput]], str]:
+    def approved_outputs(self, page_size: int, page_token: str
+                         ) -> tuple[list[tuple[st.JobRow, job_pb2.JobOutput]], str]:
         offset = _decode_token(page_token)
         rows = self.store.approved(offset, page_size + 1)
         result = []

@@ -12,9 +12,9 @@ import threading
 from typing import Any
 
 from google.protobuf.message import Message
+from paletta.v1 import image_pb2, job_pb2
 from PIL import Image
 
-from paletta.v1 import image_pb2, job_pb2
 from paletta_server.capabilities.base import Capability
 from paletta_server.config import Config
 from paletta_server.errors import JobCancelled, PalettaError
@@ -136,7 +136,8 @@ class DeviceWorker:
                 self.manager.finish(job_id, st.FAILED, ("RESOURCE_EXHAUSTED", "OUT_OF_MEMORY", str(exc)[:500]))
             else:
                 log.exception("job %s failed", job_id)
-                self.manager.finish(job_id, st.FAILED, ("INTERNAL", "ENGINE_ERROR", f"{type(exc).__name__}: {exc}"[:1000]))
+                message = f"{type(exc).__name__}: {exc}"[:1000]
+                self.manager.finish(job_id, st.FAILED, ("INTERNAL", "ENGINE_ERROR", message))
         else:
             self.manager.finish(job_id, st.SUCCEEDED)
         finally:

@@ -1,0 +1,168 @@
+"""Benchmarks (figures, not timed tests): ``python -m tests.bench [--quick]``.
+
+Prints, from one run on the tiny models:
+  (a) end-to-end gRPC Generate time / direct pipeline call time (same pipeline, same settings)
+  (b) progress latency, step callback → client receipt, p50 and p99
+  (c) ``paletta serve`` start → health SERVING
+  (d) upload + download throughput of a 4096×4096 PNG
+and then the per-capability figures of tests/bench/diffusion.py and tests/bench/vision.py
+when those modules are present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import io
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+from paletta.v1 import generate_service_pb2 as gen  # noqa: E402
+from paletta.v1 import generate_service_pb2_grpc as gen_grpc  # noqa: E402
+from paletta_server.config import load_config  # noqa: E402
+from paletta_server.server import PalettaServer  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tests.helpers import collect, download, upload  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class NullSink:
+    def progress(self, step, total, stage):
+        pass
+
+    def preview(self, image, step):
+        pass
+
+    def check_cancelled(self):
+        pass
+
+
+async def generate_ratio_and_latency(server: PalettaServer, channel, size: int, steps: int, runs: int):
+    stub = gen_grpc.GenerateServiceStub(channel)
+    request = gen.GenerateRequest(prompt="a knight on a hill", width=size, height=size, steps=steps, seed=1)
+    await collect(stub.Generate(request))  # load and warm
+    pipe = server.app.residency.ensure_resident("flux-schnell")
+    from paletta_server.engines import flux
+
+    grpc_times, direct_times, latencies = [], [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call = stub.Generate(request)
+        while (event := await call.read()) is not grpc.aio.EOF:
+            if event.HasField("progress") and event.progress.stage == "denoising":
+                latencies.append(time.time() - event.time.ToNanoseconds() / 1e9)
+        grpc_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        await asyncio.to_thread(flux.text_to_image, pipe, NullSink(), prompt=request.prompt, width=size,
+                                height=size, steps=steps, seed=1, guidance=0.0, preview_every=10**9)
+        direct_times.append(time.perf_counter() - start)
+    return statistics.median(grpc_times), statistics.median(direct_times), latencies
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_to_serving(data: Path, tries: int = 3) -> float:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    exe = shutil.which("paletta", path=str(Path(sys.executable).parent)) or "paletta"
+    best = float("inf")
+    for _ in range(tries):
+        port = free_port()
+        start = time.perf_counter()
+        proc = subprocess.Popen([exe, "serve", "--profile", "tiny", "--port", str(port), "--data-dir", str(data)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == 1:
+                        break
+                except grpc.RpcError:
+                    time.sleep(0.01)
+            best = min(best, time.perf_counter() - start)
+            channel.close()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    return best
+
+
+async def transfer_throughput(channel) -> tuple[float, float, int]:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (4096, 4096, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=0)
+    data = buf.getvalue()
+    start = time.perf_counter()
+    asset = await upload(channel, data, chunk=1 << 20)
+    up = time.perf_counter() - start
+    start = time.perf_counter()
+    back = await download(channel, asset.name)
+    down = time.perf_counter() - start
+    assert back == data
+    return len(data) / up / 1e6, len(data) / down / 1e6, len(data)
+
+
+def extra_figures(folder: Path) -> None:
+    for module_name in ("tests.bench.diffusion", "tests.bench.vision"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            continue
+        report = getattr(module, "report", None)
+        if report is not None:
+            print(f"\n== {module_name} ==", flush=True)
+            report(folder)
+
+
+async def main(quick: bool) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="paletta-bench-"))
+    try:
+        server = PalettaServer(load_config(folder / "data", env={}, profile="tiny", port=0))
+        port = await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            size, steps, runs = (256, 4, 3) if quick else (512, 8, 5)
+            grpc_t, direct_t, lat = await generate_ratio_and_latency(server, channel, size, steps, runs)
+            print(f"(a) Generate {size}x{size}, {steps} steps, tiny FLUX: gRPC {grpc_t * 1000:.1f} ms / "
+                  f"direct {direct_t * 1000:.1f} ms = {grpc_t / direct_t:.3f}  (target <= 1.10)")
+            lat_ms = sorted(x * 1000 for x in lat)
+            p50, p99 = lat_ms[len(lat_ms) // 2], lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))]
+            print(f"(b) progress latency over {len(lat_ms)} events: p50 {p50:.2f} ms, p99 {p99:.2f} ms  "
+                  f"(target p99 <= 10 ms)")
+            up, down, size_bytes = await transfer_throughput(channel)
+        await server.stop(0)
+        start_s = serve_to_serving(folder / "serve-data")
+        print(f"(c) paletta serve start -> health SERVING: {start_s:.2f} s  (target <= 1.5 s)")
+        print(f"(d) 4096x4096 PNG ({size_bytes / 1e6:.1f} MB): upload {up:.0f} MB/s, download {down:.0f} MB/s  "
+              f"(target >= 200 MB/s)")
+        if not quick:
+            extra_figures(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller run, core figures only")
+    asyncio.run(main(parser.parse_args().quick))
