@@ -429,3 +429,34 @@ async def test_async_handle_reattaches_after_dropped_stream():
     assert servicer.watch_after == [2]
     assert servicer.tokens == ["Bearer t"]
     assert final.outputs[0].asset.name == "assets/a"
+
+
+# -- end to end against the real server fixture (tests/conftest.py) ---------------------------
+
+
+@pytest.mark.slow
+async def test_async_client_end_to_end_on_tiny_server(server, tiny_image_bytes):
+    async with paletta.AsyncClient(server.address) as client:
+        job = await client.generate("a fox", width=64, height=48, steps=2, seed=3, variants=2)
+        images = [image.size async for image in job.images()]
+        assert images == [(64, 48), (64, 48)]
+        final = await job.wait()
+        assert final.state == job_pb2.JOB_STATE_SUCCEEDED and [o.seed for o in final.outputs] == [3, 4]
+
+        replay = client.attach(job.name)  # after the fact: every event again, from seq 1
+        assert [e.seq async for e in replay] == list(range(1, job.last_seq + 1))
+
+        await client.approve_output(job.name, 1)
+        approved = await client.list_approved()
+        assert [(a.job, a.output.index) for a in approved][:1] == [(job.name, 1)]
+
+        with pytest.raises(paletta.InvalidArgument) as caught:
+            await client.generate("", width=17)
+        assert {"prompt", "width"} <= {v.field for v in caught.value.field_violations}
+        with pytest.raises(paletta.NotFound):
+            await client.get_job("jobs/" + "0" * 32)
+
+        asset = await client.upload(tiny_image_bytes)
+        assert (asset.width, asset.height) == (96, 64)
+        assert (await client.download_image(asset)).size == (96, 64)
+        assert (await client.status()).profile == "tiny"
