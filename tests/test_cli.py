@@ -63,8 +63,7 @@ class FakePaletta(
         events: list[job_pb2.JobEvent] = [job_pb2.JobEvent(queued=job_pb2.JobQueued(position=0))]
         for output in outputs:
             events += [
-                job_pb2.JobEvent(progress=job_pb2.JobProgress(step=s, total_steps=2, stage="denoising"))
-                for s in (1, 2)
+                job_pb2.JobEvent(progress=job_pb2.JobProgress(step=s, total_steps=2, stage="denoising")) for s in (1, 2)
             ]
             events.append(job_pb2.JobEvent(output=output))
         job = job_pb2.Job(name=JOB, capability="generate", state=job_pb2.JOB_STATE_SUCCEEDED, outputs=outputs)
@@ -79,9 +78,7 @@ class FakePaletta(
         if request.width % 16:
             bad = error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field="width", description="not a multiple of 16"
-                    )
+                    error_details_pb2.BadRequest.FieldViolation(field="width", description="not a multiple of 16")
                 ]
             )
             detail = any_pb2.Any()
@@ -117,9 +114,7 @@ class FakePaletta(
             memory_budget_bytes=16 * 1024**3,
             memory_used_bytes=3 * 1024**2,
             queue_length=2,
-            loaded_models=[
-                system_service_pb2.ModelInfo(key="flux-schnell", bytes=3 * 1024**2, resident=True)
-            ],
+            loaded_models=[system_service_pb2.ModelInfo(key="flux-schnell", bytes=3 * 1024**2, resident=True)],
         )
 
 
@@ -177,18 +172,14 @@ def test_progress_bar_follows_stages_and_restarts_per_variant():
         bar.feed(job_pb2.JobEvent(progress=job_pb2.JobProgress(step=step, total_steps=2, stage="denoising")))
         totals.append((bar.bar.n, bar.bar.total))
     first = bar.bar
-    bar.feed(
-        job_pb2.JobEvent(progress=job_pb2.JobProgress(step=0, total_steps=1, stage="loading", model="x"))
-    )
+    bar.feed(job_pb2.JobEvent(progress=job_pb2.JobProgress(step=0, total_steps=1, stage="loading", model="x")))
     assert totals == [(1, 2), (2, 2), (1, 2), (2, 2)]
     assert bar.stage == "loading x" and bar.bar is not first and bar.updates == 5
     bar.close()
 
 
 def test_invalid_argument_prints_field_violations_and_exits_1(fake, tmp_path, capsys):
-    code = cli.main(
-        ["--address", fake.address, "generate", "x", "-o", str(tmp_path / "o.png"), "--width", "17"]
-    )
+    code = cli.main(["--address", fake.address, "generate", "x", "-o", str(tmp_path / "o.png"), "--width", "17"])
     assert code == 1
     err = capsys.readouterr().err
     assert "width: not a multiple of 16" in err

@@ -63,9 +63,7 @@ def output(index: int, name: str = "", **kwargs: Any) -> job_pb2.JobOutput:
 
 
 def finished(seq: int, state: int = job_pb2.JOB_STATE_SUCCEEDED, outputs=(), error=None) -> job_pb2.JobEvent:
-    job = job_pb2.Job(
-        name=JOB, capability="generate", state=state, outputs=list(outputs), last_seq=seq, error=error
-    )
+    job = job_pb2.Job(name=JOB, capability="generate", state=state, outputs=list(outputs), last_seq=seq, error=error)
     return event(seq, finished=job_pb2.JobFinished(job=job))
 
 
@@ -111,9 +109,7 @@ def background() -> Iterator[Callable[[Callable[[], Any]], Future]]:
 
 def test_generate_sends_typed_request_with_token_and_iterates_events(client, channel, background):
     def run():
-        job = client.generate(
-            "a knight", width=512, height=256, seed=7, variants=2, styles=["tarot:0.8", "anime"]
-        )
+        job = client.generate("a knight", width=512, height=256, seed=7, variants=2, styles=["tarot:0.8", "anime"])
         return job.name, [e.WhichOneof("kind") for e in job], job.wait()
 
     future = background(run)
@@ -174,9 +170,7 @@ def test_images_downloads_each_output_through_asset_service(client, channel, bac
 def test_image_inputs_are_uploaded_in_256_kib_chunks_and_passed_as_asset_refs(client, channel, background):
     data = bytes(range(256)) * 2400  # 600 KiB → chunks of 256, 256 and 88 KiB
 
-    future = background(
-        lambda: client.edit(data, "make it gold", image_prompt="assets/ref", image_prompt_weight=0.5)
-    )
+    future = background(lambda: client.edit(data, "make it gold", image_prompt="assets/ref", image_prompt_weight=0.5))
     _, upload = channel.take_stream_unary(UPLOAD)
     chunks = [upload.take_request() for _ in range(3)]
     upload.requests_closed()
@@ -226,9 +220,7 @@ def test_invalid_argument_becomes_error_with_field_violations(client, channel, b
     bad = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field="prompt", description="must not be empty"),
-            error_details_pb2.BadRequest.FieldViolation(
-                field="width", description="must be a multiple of 16"
-            ),
+            error_details_pb2.BadRequest.FieldViolation(field="width", description="must be a multiple of 16"),
         ]
     )
     info = error_details_pb2.ErrorInfo(reason="INVALID_ARGUMENT", domain="paletta")
@@ -365,13 +357,9 @@ def test_errors_other_than_transport_are_not_retried(client, channel, background
 
 
 def test_list_jobs_follows_pages_and_converts_state_names(client, channel, background):
-    future = background(
-        lambda: client.list_jobs(states=["queued", "running"], capability="generate", limit=None)
-    )
+    future = background(lambda: client.list_jobs(states=["queued", "running"], capability="generate", limit=None))
     _, first, rpc = channel.take_unary_unary(LIST_JOBS)
-    rpc.terminate(
-        job_service_pb2.ListJobsResponse(jobs=[job_pb2.Job(name="jobs/2")], next_page_token="p2"), (), OK, ""
-    )
+    rpc.terminate(job_service_pb2.ListJobsResponse(jobs=[job_pb2.Job(name="jobs/2")], next_page_token="p2"), (), OK, "")
     _, second, rpc = channel.take_unary_unary(LIST_JOBS)
     rpc.terminate(job_service_pb2.ListJobsResponse(jobs=[job_pb2.Job(name="jobs/1")]), (), OK, "")
 
@@ -383,9 +371,7 @@ def test_list_jobs_follows_pages_and_converts_state_names(client, channel, backg
 # -- async handle against a real grpc.aio servicer --------------------------------------------
 
 
-class _DroppingServicer(
-    generate_service_pb2_grpc.GenerateServiceServicer, job_service_pb2_grpc.JobServiceServicer
-):
+class _DroppingServicer(generate_service_pb2_grpc.GenerateServiceServicer, job_service_pb2_grpc.JobServiceServicer):
     """Generate sends two events and drops the stream; WatchJob replays from after_seq."""
 
     def __init__(self) -> None:

@@ -27,9 +27,7 @@ def _events() -> list[job_pb2.JobEvent]:
         job_pb2.JobEvent(preview=job_pb2.JobPreview(jpeg=b"\xff\xd8jpeg", step=1)),
         job_pb2.JobEvent(output=out),
         job_pb2.JobEvent(
-            finished=job_pb2.JobFinished(
-                job=job_pb2.Job(name=JOB, state=job_pb2.JOB_STATE_SUCCEEDED, outputs=[out])
-            )
+            finished=job_pb2.JobFinished(job=job_pb2.Job(name=JOB, state=job_pb2.JOB_STATE_SUCCEEDED, outputs=[out]))
         ),
     ]
     for seq, event in enumerate(events, start=1):

@@ -338,9 +338,7 @@ class Capabilities(Generic[H]):
             return_mask=return_mask,
             **c.common_fields(request_id, priority, cancel_on_disconnect),
         )
-        return self._start(
-            "BackgroundService", "RemoveBackground", request, [ImageSlot(request, "image", image)]
-        )
+        return self._start("BackgroundService", "RemoveBackground", request, [ImageSlot(request, "image", image)])
 
     def segment(
         self,

@@ -92,14 +92,10 @@ def prepare_image(value: ImageInput) -> PreparedImage:
         return PreparedImage(asset=value)
     if isinstance(value, str | os.PathLike):
         return PreparedImage(data=Path(value).read_bytes())
-    raise TypeError(
-        f"cannot use {type(value).__name__} as an image: give a path, bytes, a PIL image or an asset"
-    )
+    raise TypeError(f"cannot use {type(value).__name__} as an image: give a path, bytes, a PIL image or an asset")
 
 
-def upload_requests(
-    data: bytes, chunk: int = UPLOAD_CHUNK_BYTES
-) -> Iterator[asset_service_pb2.UploadAssetRequest]:
+def upload_requests(data: bytes, chunk: int = UPLOAD_CHUNK_BYTES) -> Iterator[asset_service_pb2.UploadAssetRequest]:
     """Split bytes into UploadAssetRequest chunks (always at least one)."""
     view = memoryview(data)
     for start in range(0, max(len(data), 1), chunk):

@@ -133,9 +133,7 @@ class AsyncJobHandle:
             try:
                 if self._stream is None:
                     request = job_service_pb2.WatchJobRequest(job=self.name, after_seq=self.last_seq)
-                    self._stream = self._client._stubs["JobService"].WatchJob(
-                        request, metadata=self._client._metadata
-                    )
+                    self._stream = self._client._stubs["JobService"].WatchJob(request, metadata=self._client._metadata)
                 event = await self._read()
             except grpc.RpcError as err:
                 self._stream = None
@@ -343,9 +341,7 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
 
     async def cancel_job(self, name: str | job_pb2.Job) -> job_pb2.Job:
         """Cancel a queued job at once or a running one at its next step."""
-        return await self._unary(
-            "JobService", "CancelJob", job_service_pb2.CancelJobRequest(name=c.job_name(name))
-        )
+        return await self._unary("JobService", "CancelJob", job_service_pb2.CancelJobRequest(name=c.job_name(name)))
 
     async def approve_output(
         self, job: str | job_pb2.Job | AsyncJobHandle, index: int = 0, approved: bool = True
@@ -364,9 +360,7 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
         out: list[job_service_pb2.ApprovedOutput] = []
         token = ""
         while True:
-            request = job_service_pb2.ListApprovedOutputsRequest(
-                page_size=min(limit or 0, 1000), page_token=token
-            )
+            request = job_service_pb2.ListApprovedOutputsRequest(page_size=min(limit or 0, 1000), page_token=token)
             page = await self._unary("JobService", "ListApprovedOutputs", request)
             for item in page.outputs:
                 out.append(item)
@@ -402,9 +396,7 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
 
     async def get_asset(self, name: str | image_pb2.Asset) -> image_pb2.Asset:
         """An asset's metadata."""
-        return await self._unary(
-            "AssetService", "GetAsset", asset_service_pb2.GetAssetRequest(name=c.asset_name(name))
-        )
+        return await self._unary("AssetService", "GetAsset", asset_service_pb2.GetAssetRequest(name=c.asset_name(name)))
 
     # -- system and styles ------------------------------------------------------------------
 
@@ -418,9 +410,7 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
         """
         return await self._unary("SystemService", "GetStatus", system_service_pb2.GetStatusRequest())
 
-    async def watch_status(
-        self, interval_ms: int = 1000
-    ) -> AsyncIterator[system_service_pb2.GetStatusResponse]:
+    async def watch_status(self, interval_ms: int = 1000) -> AsyncIterator[system_service_pb2.GetStatusResponse]:
         """Status snapshots every ``interval_ms`` until the caller stops iterating."""
         request = system_service_pb2.WatchStatusRequest(interval_ms=interval_ms)
         call = self._stubs["SystemService"].WatchStatus(request, metadata=self._metadata)
@@ -434,9 +424,7 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
 
     async def list_models(self) -> list[system_service_pb2.ModelInfo]:
         """Every model the registry knows for the active profile."""
-        return list(
-            (await self._unary("SystemService", "ListModels", system_service_pb2.ListModelsRequest())).models
-        )
+        return list((await self._unary("SystemService", "ListModels", system_service_pb2.ListModelsRequest())).models)
 
     async def unload_models(self, keys: Iterable[str] = ()) -> system_service_pb2.UnloadModelsResponse:
         """Free resident models: those named, or all of them."""
@@ -445,6 +433,4 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
 
     async def list_styles(self) -> list[style_service_pb2.Style]:
         """The style LoRAs requests can stack."""
-        return list(
-            (await self._unary("StyleService", "ListStyles", style_service_pb2.ListStylesRequest())).styles
-        )
+        return list((await self._unary("StyleService", "ListStyles", style_service_pb2.ListStylesRequest())).styles)

@@ -68,9 +68,7 @@ class ProgressBar:
         from tqdm import tqdm
 
         self.close()
-        self.bar = tqdm(
-            total=total, desc=desc, file=self.file, disable=not self.enabled, leave=False, unit="step"
-        )
+        self.bar = tqdm(total=total, desc=desc, file=self.file, disable=not self.enabled, leave=False, unit="step")
 
     def feed(self, event: job_pb2.JobEvent) -> None:
         kind = event.WhichOneof("kind")
@@ -80,12 +78,7 @@ class ProgressBar:
             p = event.progress
             desc = f"{p.stage} {p.model}".strip()
             # A new stage, or the same stage starting over (the next variant): a fresh bar.
-            if (
-                self.bar is None
-                or desc != self.stage
-                or self.bar.total != p.total_steps
-                or p.step < self.bar.n
-            ):
+            if self.bar is None or desc != self.stage or self.bar.total != p.total_steps or p.step < self.bar.n:
                 self.stage = desc
                 self._open(p.total_steps, desc)
             self.bar.n = p.step
@@ -129,9 +122,7 @@ def run_job(client: Client, args: argparse.Namespace, job: JobHandle, **kwargs: 
     """Follow a job to its end; Ctrl-C cancels it."""
     print(f"{job.name}", file=sys.stderr)
     try:
-        _, written = follow(
-            client, job, out=getattr(args, "output", None), progress=not args.no_progress, **kwargs
-        )
+        _, written = follow(client, job, out=getattr(args, "output", None), progress=not args.no_progress, **kwargs)
     except KeyboardInterrupt:
         client.cancel_job(job.name)
         print(f"cancelled {job.name}", file=sys.stderr)
@@ -174,9 +165,7 @@ def cmd_edit(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_upscale(client: Client, args: argparse.Namespace) -> int:
-    job = client.upscale(
-        args.image, upscaler=args.upscaler, scale=args.scale, tile=args.tile, priority=args.priority
-    )
+    job = client.upscale(args.image, upscaler=args.upscaler, scale=args.scale, tile=args.tile, priority=args.priority)
     return run_job(client, args, job)
 
 
@@ -408,9 +397,7 @@ def _diffusion_options(parser: argparse.ArgumentParser, *, styles: bool = True) 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, suppress=True)
-    parser = argparse.ArgumentParser(
-        prog="paletta", description="Paletta image workstation client and server."
-    )
+    parser = argparse.ArgumentParser(prog="paletta", description="Paletta image workstation client and server.")
     _global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -479,9 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add_job("list", cmd_jobs_list, "jobs, newest first")
-    p.add_argument(
-        "--state", action="append", choices=["queued", "running", "succeeded", "failed", "cancelled"]
-    )
+    p.add_argument("--state", action="append", choices=["queued", "running", "succeeded", "failed", "cancelled"])
     p.add_argument("--capability")
     p.add_argument("--limit", type=int, default=50)
     p = add_job("watch", cmd_jobs_watch, "follow a job's events (replays from --after-seq)")
@@ -500,9 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("styles", cmd_styles, "style LoRAs")
     add("models", cmd_models, "models of the active profile")
 
-    p = sub.add_parser(
-        "serve", help="run the server", description="Run the Paletta gRPC server until Ctrl-C."
-    )
+    p = sub.add_parser("serve", help="run the server", description="Run the Paletta gRPC server until Ctrl-C.")
     p.set_defaults(func=cmd_serve)
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")

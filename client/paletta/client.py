@@ -423,9 +423,7 @@ class Client(Capabilities[JobHandle]):
         """
         return self._unary("JobService", "CancelJob", job_service_pb2.CancelJobRequest(name=c.job_name(name)))
 
-    def approve_output(
-        self, job: str | job_pb2.Job | JobHandle, index: int = 0, approved: bool = True
-    ) -> job_pb2.Job:
+    def approve_output(self, job: str | job_pb2.Job | JobHandle, index: int = 0, approved: bool = True) -> job_pb2.Job:
         """Mark (or unmark) one output of a finished job as chosen.
 
         Example::
@@ -446,9 +444,7 @@ class Client(Capabilities[JobHandle]):
         out: list[job_service_pb2.ApprovedOutput] = []
         token = ""
         while True:
-            request = job_service_pb2.ListApprovedOutputsRequest(
-                page_size=min(limit or 0, 1000), page_token=token
-            )
+            request = job_service_pb2.ListApprovedOutputsRequest(page_size=min(limit or 0, 1000), page_token=token)
             page = self._unary("JobService", "ListApprovedOutputs", request)
             for item in page.outputs:
                 out.append(item)
@@ -493,9 +489,7 @@ class Client(Capabilities[JobHandle]):
 
     def get_asset(self, name: str | image_pb2.Asset) -> image_pb2.Asset:
         """An asset's metadata (mime, size, dimensions)."""
-        return self._unary(
-            "AssetService", "GetAsset", asset_service_pb2.GetAssetRequest(name=c.asset_name(name))
-        )
+        return self._unary("AssetService", "GetAsset", asset_service_pb2.GetAssetRequest(name=c.asset_name(name)))
 
     # -- system and styles ------------------------------------------------------------------
 

@@ -12,9 +12,7 @@ from paletta_webui.page import make_root
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="paletta_webui", description="Paletta web page (a client of the server)."
-    )
+    parser = argparse.ArgumentParser(prog="paletta_webui", description="Paletta web page (a client of the server).")
     parser.add_argument("--address", default=os.environ.get("PALETTA_ADDRESS", paletta.DEFAULT_ADDRESS))
     parser.add_argument("--token", default=os.environ.get("PALETTA_TOKEN", ""))
     parser.add_argument("--tls-root-cert", default=os.environ.get("PALETTA_TLS_ROOT_CERT", ""))
@@ -23,9 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def client() -> paletta.AsyncClient:
-        return paletta.AsyncClient(
-            args.address, token=args.token or None, tls_root_cert=args.tls_root_cert or None
-        )
+        return paletta.AsyncClient(args.address, token=args.token or None, tls_root_cert=args.tls_root_cert or None)
 
     ui.run(make_root(client), host=args.host, port=args.port, title="Paletta", reload=False, show=False)
 

@@ -32,9 +32,7 @@ def status_rows(status: system_service_pb2.GetStatusResponse) -> list[tuple[str,
     if status.HasField("gpu"):
         gpu = status.gpu
         rows.append(("VRAM", f"{human_bytes(gpu.memory_used_bytes)} / {human_bytes(gpu.memory_total_bytes)}"))
-        rows.append(
-            ("GPU", f"{gpu.utilization_percent}% · {gpu.power_watts:.0f} W · {gpu.temperature_celsius} °C")
-        )
+        rows.append(("GPU", f"{gpu.utilization_percent}% · {gpu.power_watts:.0f} W · {gpu.temperature_celsius} °C"))
     queue = f"{status.queue_length} waiting"
     if status.running_job:
         queue += f", running {status.running_job}"

@@ -23,9 +23,7 @@ class Workstation:
         ui.label("Paletta").classes("text-2xl font-bold")
         with ui.row().classes("w-full items-start no-wrap"):
             with ui.column().classes("w-1/3"):
-                self.prompt = ui.textarea("Prompt", placeholder="a knight in a misty forest").classes(
-                    "w-full"
-                )
+                self.prompt = ui.textarea("Prompt", placeholder="a knight in a misty forest").classes("w-full")
                 with ui.row():
                     self.width = ui.number("Width", value=1024, step=16, min=16).classes("w-24")
                     self.height = ui.number("Height", value=1024, step=16, min=16).classes("w-24")
