@@ -1,0 +1,120 @@
+"""Round trip and masks for the diffusion capabilities (edit, inpaint, outpaint, qwen_edit, control).
+
+Round trip: an input is downscaled so its long edge fits the profile's ``max_inference_edge``
+(1024 under NF4, 512 under bf16), each side floored to a multiple of 16 (never upscaled), the
+model runs at that size, and every output is restored to the upload's size with LANCZOS, or with
+Real-ESRGAN x4plus then LANCZOS when the request asks for ``UPSCALER_REALESRGAN``.
+
+This module has no CAPABILITY: capabilities/__init__.discover() skips it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from paletta.v1 import image_pb2
+from PIL import Image, ImageFilter
+
+from paletta_server.capabilities import common
+
+MULTIPLE = 16
+REALESRGAN_KEY = "realesrgan-x4plus"
+# A mask whose brightest pixel is at most this is "empty" (tolerates JPEG noise on black).
+EMPTY_MASK_MAX = 8
+UPSCALER_NAMES = {image_pb2.UPSCALER_UNSPECIFIED: "lanczos", image_pb2.UPSCALER_LANCZOS: "lanczos",
+                  image_pb2.UPSCALER_REALESRGAN: "realesrgan"}
+
+
+def inference_size(width: int, height: int, max_edge: int) -> tuple[int, int]:
+    """The size a (width, height) input runs at: long edge ≤ max_edge, sides multiples of 16."""
+    scale = min(1.0, max_edge / max(width, height))
+    return (max(MULTIPLE, int(width * scale) // MULTIPLE * MULTIPLE),
+            max(MULTIPLE, int(height * scale) // MULTIPLE * MULTIPLE))
+
+
+def fit(image: Image.Image, size: tuple[int, int], resample: int = Image.Resampling.LANCZOS) -> Image.Image:
+    return image if image.size == tuple(size) else image.resize(size, resample)
+
+
+def check_upscaler(v: common.Violations, request: Any) -> None:
+    if request.upscaler not in UPSCALER_NAMES:
+        v.add("upscaler", f"unknown upscaler {request.upscaler}; use UPSCALER_LANCZOS or UPSCALER_REALESRGAN")
+
+
+def upscaler_models(request: Any) -> list[str]:
+    return [REALESRGAN_KEY] if request.upscaler == image_pb2.UPSCALER_REALESRGAN else []
+
+
+def restore(image: Image.Image, size: tuple[int, int], request: Any, ctx: Any) -> Image.Image:
+    """Bring an output back to ``size`` with the request's upscaler (engines/upscale.py)."""
+    size = (int(size[0]), int(size[1]))
+    if image.size == size:
+        return image
+    from paletta_server.engines import upscale
+
+    model = None
+    if request.upscaler == image_pb2.UPSCALER_REALESRGAN and (image.width < size[0] or image.height < size[1]):
+        model = ctx.model(REALESRGAN_KEY)
+
+    def on_tile(done: int, total: int) -> None:
+        ctx.check_cancelled()
+        ctx.progress(done, total, "upscaling")
+
+    return upscale.restore_size(image, size, request.upscaler, model, on_tile=on_tile)
+
+
+def round_trip_parameters(request: Any, input_size: tuple[int, int], infer: tuple[int, int],
+                          output_size: tuple[int, int]) -> dict:
+    return {"input_size": list(input_size), "inference_size": list(infer), "output_size": list(output_size),
+            "upscaler": UPSCALER_NAMES.get(request.upscaler, "lanczos") if infer != tuple(output_size) else "none"}
+
+
+# -- masks ----------------------------------------------------------------------------------------
+def mask_from(image: Image.Image) -> Image.Image:
+    """An "L" mask from an uploaded image: alpha if the image has any transparency, else luminance."""
+    if image.mode in ("RGBA", "LA"):
+        alpha = image.getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return alpha
+    return image.convert("L")
+
+
+def is_empty(mask: Image.Image) -> bool:
+    return mask.getextrema()[1] <= EMPTY_MASK_MAX
+
+
+def feathered(mask: Image.Image, radius: int, keep_inside: bool = False) -> Image.Image:
+    """Gaussian-blurred mask edge; ``keep_inside`` keeps every originally white pixel fully white."""
+    if radius <= 0:
+        return mask
+    blurred = mask.filter(ImageFilter.GaussianBlur(radius))
+    if keep_inside:
+        from PIL import ImageChops
+
+        blurred = ImageChops.lighter(blurred, mask)
+    return blurred
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def input_image(v: common.Violations, ctx: Any, ref: image_pb2.ImageRef, field_name: str) -> Image.Image | None:
+    """Resolve a required ImageRef (inline bytes become an asset) and open it; None with a violation if missing."""
+    from paletta_server.errors import InvalidArgument
+
+    if ref.WhichOneof("source") is None:
+        v.add(field_name, "an image is required (asset name or inline bytes)")
+        return None
+    try:
+        common.resolve_image(ctx, ref, field_name)
+    except InvalidArgument as exc:
+        v.items.extend(exc.violations)
+        return None
+    return ctx.assets.open_image(ref.asset, field_name)
+
+
+def check_common(v: common.Violations, request: Any, default_steps: int, guidance_range: tuple[float, float]) -> None:
+    """steps / variants / guidance / upscaler, shared by every diffusion request."""
+    request.steps = common.default_steps(v, request.steps, default_steps)
+    request.variants = common.default_variants(v, request.variants)
+    if request.HasField("guidance"):
+        common.check_range(v, request.guidance, guidance_range[0], guidance_range[1], "guidance")
+    check_upscaler(v, request)

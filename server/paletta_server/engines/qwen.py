@@ -1,0 +1,106 @@
+"""Qwen-Image-Edit through diffusers' ``QwenImageEditPipeline``: load, previews, edit.
+
+The pipeline resizes its conditioning image to ~1 MP (``calculate_dimensions(1024 * 1024, …)``
+inside ``__call__``) whatever the requested size. Paletta's round trip already picked the
+inference size for the profile, so ``edit`` caps that area at the inference image's own area
+(never above 1 MP): under ``fast`` a 1024×768 input is conditioned at 1024×768, and a 64×64 test
+image costs 64×64 instead of 2.3 s of 1 MP work on a CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from paletta_server.engines import flux
+from paletta_server.engines.common import ProgressSink, step_callback
+from paletta_server.models.registry import LoadContext, ModelSource
+
+FULL_AREA = 1024 * 1024
+_patch_lock = threading.Lock()
+
+
+def load_qwen_edit(source: ModelSource, lc: LoadContext) -> Any:
+    """QwenImageEditPipeline; under NF4 (CUDA) the 20B transformer and the Qwen2.5-VL encoder are 4-bit."""
+    from diffusers import QwenImageEditPipeline
+
+    location = str(source.path) if source.local else source.repo
+    kwargs = flux.pretrained_kwargs(source, lc, quantize=["transformer", "text_encoder"])
+    pipe = QwenImageEditPipeline.from_pretrained(location, **kwargs)
+    pipe.to(lc.device.name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class QwenLatentPreview:
+    """Latent → RGB by a linear map fitted once against the pipeline's own (video-shaped) VAE."""
+
+    def __init__(self, pipe: Any):
+        import torch
+
+        vae = pipe.vae
+        channels = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, channels, 1, 1, 1)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            latents = torch.randn(1, channels, 1, 8, 8, generator=gen)
+            decoded = vae.decode((latents * std + mean).to(vae.device, vae.dtype), return_dict=False)[0]
+            rgb = torch.nn.functional.adaptive_avg_pool2d(decoded[:, :, 0].float().cpu(), (8, 8))
+        x = latents.reshape(channels, -1).T
+        x1 = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
+        self.weights = torch.linalg.lstsq(x1, rgb.reshape(3, -1).T).solution
+        self.scale = pipe.vae_scale_factor
+        self.unpack = type(pipe)._unpack_latents
+
+    def __call__(self, latents: Any, height: int, width: int) -> Any:
+        import torch
+        from PIL import Image
+
+        with torch.no_grad():
+            lat = self.unpack(latents, height, width, self.scale)[0, :, 0].float().cpu()  # (C, h, w)
+            c, h, w = lat.shape
+            x = torch.cat([lat.reshape(c, -1).T, torch.ones(h * w, 1)], dim=1)
+            rgb = (x @ self.weights).T.reshape(3, h, w)
+            rgb = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).numpy()
+        return Image.fromarray(rgb, "RGB")
+
+
+@contextmanager
+def conditioning_area(area: int) -> Iterator[None]:
+    """Cap the area the pipeline resizes its conditioning image to (module function, one job at a time)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as module
+
+    original = module.calculate_dimensions
+    with _patch_lock:
+        module.calculate_dimensions = lambda target, ratio: original(min(target, area), ratio)
+        try:
+            yield
+        finally:
+            module.calculate_dimensions = original
+
+
+def edit(pipe: Any, sink: ProgressSink, *, image: Any, prompt: str, negative_prompt: str, steps: int, seed: int,
+         guidance: float, preview_every: int = 2) -> Any:
+    width, height = image.size
+    preview = getattr(pipe, "_paletta_preview", None)
+    if preview is None:
+        preview = pipe._paletta_preview = QwenLatentPreview(pipe)
+
+    def send_preview(latents: Any, step: int) -> None:
+        sink.preview(preview(latents, height, width), step)
+
+    sink.check_cancelled()
+    # True CFG needs a negative prompt; " " is the model card's neutral one.
+    negative = negative_prompt if negative_prompt.strip() else " "
+    with conditioning_area(min(FULL_AREA, width * height)):
+        result = pipe(
+            image=image, prompt=prompt, negative_prompt=negative if guidance > 1 else None,
+            true_cfg_scale=guidance, height=height, width=width, num_inference_steps=steps,
+            generator=flux.generator(str(pipe.device.type), seed),
+            callback_on_step_end=step_callback(sink, steps, send_preview, preview_every),
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+    return result.images[0]

@@ -1,0 +1,300 @@
+"""Diffusion engines on tiny random-weight models built into a folder and loaded back by the real loaders."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from paletta.v1 import control_service_pb2 as control_pb
+from paletta.v1 import image_pb2
+from paletta_server.capabilities import diffusion_io
+from paletta_server.capabilities.inpaint import outpaint_canvas
+from paletta_server.engines.common import Device, import_object
+from paletta_server.errors import JobCancelled, ModelUnavailable
+from paletta_server.models.profiles import PROFILES
+from paletta_server.models.registry import SPECS, LoadContext, ModelSource
+from paletta_server.models.styles import StyleRegistry
+
+KEYS = ["flux-schnell", "flux-kontext", "flux-fill", "flux-dev", "flux-controlnet-union", "ip-adapter",
+        "clip-vit-large", "hyper-sd", "qwen-image-edit"]
+SPEC = {s.key: s for s in SPECS}
+
+
+class Sink:
+    def __init__(self, cancel_at: int | None = None):
+        self.steps: list[tuple[int, int, str]] = []
+        self.previews: list[Image.Image] = []
+        self.cancel_at = cancel_at
+
+    def progress(self, step, total, stage):
+        self.steps.append((step, total, stage))
+
+    def preview(self, image, step):
+        self.previews.append(image)
+
+    def check_cancelled(self):
+        if self.cancel_at is not None and len(self.steps) >= self.cancel_at:
+            raise JobCancelled("x")
+
+
+class Models:
+    """Builds tiny models into a folder on first use and loads them with the registry loaders."""
+
+    def __init__(self, root: Path, profile=PROFILES["tiny"]):
+        self.root = root
+        self.profile = profile
+        self.loaded: dict[str, object] = {}
+        self.loads: dict[str, int] = {}
+        self.lc = LoadContext(profile, Device("cpu", "fp32"), self.source)
+
+    def source(self, key: str) -> ModelSource:
+        path = self.root / key
+        if not (path / ".complete").exists():
+            path.mkdir(parents=True, exist_ok=True)
+            import_object(SPEC[key].tiny_builder)(path)
+            (path / ".complete").touch()
+        return ModelSource(key, path=path, filename=SPEC[key].filename)
+
+    def model(self, key: str):
+        if key not in self.loaded:
+            self.loaded[key] = import_object(SPEC[key].loader)(self.source(key), self.lc)
+            self.loads[key] = self.loads.get(key, 0) + 1
+        return self.loaded[key]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Models:
+    return Models(tmp_path_factory.mktemp("engine-models"))
+
+
+def job_ctx(models: Models, tmp_path: Path, images: dict[str, Image.Image] | None = None, profile=None):
+    """A RunContext stand-in: styles, profile, models, images by name."""
+    ctx = types.SimpleNamespace()
+    ctx.styles = StyleRegistry(tmp_path)
+    ctx.profile = profile or models.profile
+    ctx.config = types.SimpleNamespace(models_dir=models.root.parent / "models-dir")
+    ctx.model = models.model
+    ctx.open_image = lambda name: (images or {})[name]
+    return ctx
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def gradient(size=(64, 64)) -> Image.Image:
+    x = np.linspace(0, 255, size[0], dtype=np.uint8)
+    y = np.linspace(0, 255, size[1], dtype=np.uint8)
+    rgb = np.stack([np.tile(x, (size[1], 1)), np.tile(y[:, None], (1, size[0])), np.full((size[1], size[0]), 90,
+                                                                                             np.uint8)], axis=-1)
+    return Image.fromarray(rgb, "RGB")
+
+
+def test_every_tiny_build_loads_back_through_its_registry_loader(models):
+    from diffusers import (FluxControlNetPipeline, FluxFillPipeline, FluxKontextPipeline,
+                           QwenImageEditPipeline)
+
+    assert isinstance(models.model("flux-kontext"), FluxKontextPipeline)
+    assert isinstance(models.model("flux-fill"), FluxFillPipeline)
+    control = models.model("flux-controlnet-union")
+    assert isinstance(control, FluxControlNetPipeline) and control.controlnet.config.num_mode == 10
+    assert isinstance(models.model("qwen-image-edit"), QwenImageEditPipeline)
+    assert models.model("flux-dev").path == models.root / "flux-dev"  # a source, loaded with the ControlNet
+    weights = models.model("ip-adapter")
+    assert set(weights.state_dict) == {"image_proj", "ip_adapter"} and weights.resident_bytes > 0
+    assert models.model("clip-vit-large").config.projection_dim == 32
+    assert models.model("hyper-sd").name == "Hyper-FLUX.1-dev-8steps-lora.safetensors"
+
+
+def test_kontext_edit_size_progress_previews_and_determinism(models):
+    from paletta_server.engines import flux_edit
+
+    pipe = models.model("flux-kontext")
+    sink = Sink()
+    a = flux_edit.edit(pipe, sink, image=gradient((96, 64)), prompt="make it blue", steps=3, seed=5, guidance=2.5,
+                       preview_every=1)
+    b = flux_edit.edit(pipe, Sink(), image=gradient((96, 64)), prompt="make it blue", steps=3, seed=5, guidance=2.5)
+    c = flux_edit.edit(pipe, Sink(), image=gradient((96, 64)), prompt="make it blue", steps=3, seed=6, guidance=2.5)
+    assert a.size == (96, 64)
+    assert [s[0] for s in sink.steps] == [1, 2, 3] and len(sink.previews) == 2
+    assert (pixels(a) == pixels(b)).all() and not (pixels(a) == pixels(c)).all()
+
+
+def test_cancel_stops_between_steps(models):
+    from paletta_server.engines import flux_edit
+
+    sink = Sink(cancel_at=1)
+    with pytest.raises(JobCancelled):
+        flux_edit.fill(models.model("flux-fill"), sink, image=gradient(), mask=Image.new("L", (64, 64), 255),
+                       prompt="x", steps=4, seed=1, guidance=30)
+    assert [s[0] for s in sink.steps] == [1]
+
+
+def test_fill_outpaint_canvas_and_mask(models):
+    from paletta_server.engines import flux_edit
+
+    canvas, mask = outpaint_canvas(gradient((32, 48)), 16, 16, 0, 16)
+    assert canvas.size == (64, 64) and mask.size == (64, 64)
+    m = np.asarray(mask)
+    assert m[:48, 16:48].max() == 0 and m[:, :16].min() == 255 and m[48:].min() == 255
+    out = flux_edit.fill(models.model("flux-fill"), Sink(), image=canvas, mask=mask, prompt="sea", steps=2, seed=1,
+                         guidance=30)
+    assert out.size == (64, 64)
+
+
+def test_round_trip_sizes_and_masks():
+    assert diffusion_io.inference_size(2000, 1000, 1024) == (1024, 512)
+    assert diffusion_io.inference_size(100, 70, 512) == (96, 64)
+    assert diffusion_io.inference_size(3000, 20, 1024) == (1024, 16)
+    assert diffusion_io.is_empty(Image.new("L", (8, 8), 3)) and not diffusion_io.is_empty(Image.new("L", (8, 8), 200))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    soft = diffusion_io.feathered(mask, 4)
+    assert 0 < np.asarray(soft)[16, 32] < 255
+    kept = diffusion_io.feathered(mask, 4, keep_inside=True)
+    assert np.asarray(kept)[16, 32] == 255 and 0 < np.asarray(kept)[14, 32] < 255
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    rgba.putpixel((1, 1), (0, 0, 0, 255))
+    assert np.asarray(diffusion_io.mask_from(rgba))[1, 1] == 255
+
+
+def _control(pipe, image, mode, scale, seed=3):
+    from paletta_server.engines import control
+
+    return control.control(pipe, Sink(), control_image=image, control_type=mode, control_scale=scale, prompt="a cat",
+                           width=64, height=64, steps=2, seed=seed, guidance=3.5)
+
+
+def test_control_mode_and_scale_change_output_and_scale_zero_is_no_control(models):
+    from paletta_server.engines import control
+
+    pipe = models.model("flux-controlnet-union")
+    edges = control.canny_map(gradient())
+    assert control.CONTROL_MODES == {control_pb.CONTROL_TYPE_CANNY: 0, control_pb.CONTROL_TYPE_DEPTH: 2,
+                                     control_pb.CONTROL_TYPE_POSE: 4}
+    canny = pixels(_control(pipe, edges, control_pb.CONTROL_TYPE_CANNY, 0.7))
+    depth = pixels(_control(pipe, edges, control_pb.CONTROL_TYPE_DEPTH, 0.7))
+    strong = pixels(_control(pipe, edges, control_pb.CONTROL_TYPE_CANNY, 1.0))
+    off_canny = pixels(_control(pipe, edges, control_pb.CONTROL_TYPE_CANNY, 0.0))
+    off_depth = pixels(_control(pipe, gradient(), control_pb.CONTROL_TYPE_DEPTH, 0.0))
+    assert not (canny == depth).all() and not (canny == strong).all() and not (canny == off_canny).all()
+    assert (off_canny == off_depth).all()
+    # At scale 0 neither the map nor the mode matters: the ControlNet adds exactly nothing. (The pipeline
+    # draws the map's VAE sample from the same generator first, so the noise is not the plain dev pipeline's.)
+
+
+def test_canny_preprocessing_finds_edges():
+    from paletta_server.engines import control
+
+    photo = Image.new("RGB", (64, 64), (0, 0, 0))
+    photo.paste((255, 255, 255), (20, 20, 44, 44))
+    edges = np.asarray(control.canny_map(photo))[..., 0]
+    assert edges.shape == (64, 64) and set(np.unique(edges)) <= {0, 255}
+    assert edges[18:22, 30].max() == 255 and edges[32, 32] == 0 and edges[5, 5] == 0
+
+
+def test_ip_adapter_weight_changes_output_zero_equals_baseline_and_unloads(models, tmp_path):
+    from paletta_server.engines import flux, ip_adapter
+
+    pipe = models.model("flux-schnell") if "flux-schnell" in models.loaded else import_object(
+        SPEC["flux-schnell"].loader)(models.source("flux-schnell"), models.lc)
+    models.loaded["flux-schnell"] = pipe
+    ctx = job_ctx(models, tmp_path, {"assets/ref": gradient()})
+
+    def gen(**extra):
+        return pixels(flux.text_to_image(pipe, Sink(), prompt="a cat", width=64, height=64, steps=2, seed=4,
+                                         guidance=0.0, **extra))
+
+    baseline = gen()
+    results = {}
+    for weight in (0.0, 0.7, 1.5):
+        prompt = image_pb2.ImagePrompt(image=image_pb2.ImageRef(asset="assets/ref"), weight=weight)
+        with ip_adapter.applied_image_prompt(pipe, prompt, ctx) as (kwargs, applied):
+            assert applied["weight"] == weight and "ip_adapter_image" in kwargs
+            results[weight] = gen(**kwargs)
+    assert (results[0.0] == baseline).all()
+    assert not (results[0.7] == baseline).all() and not (results[0.7] == results[1.5]).all()
+    assert pipe.transformer.encoder_hid_proj is None
+    assert (gen() == baseline).all()
+
+
+def test_instantx_ip_adapter_is_refused_with_an_explanation(models, tmp_path):
+    from paletta_server.engines import ip_adapter
+
+    (tmp_path / "ip-adapter.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelUnavailable, match="InstantX"):
+        ip_adapter.load_ip_adapter(ModelSource("ip-adapter", path=tmp_path, filename="ip_adapter.safetensors"),
+                                   models.lc)
+    with pytest.raises(ValueError, match="InstantX"):
+        ip_adapter.xlabs_to_diffusers({"image_proj.proj.0.weight": 0, "ip_adapter.0.to_k_ip.weight": 0})
+
+
+def test_styles_change_output_weight_zero_is_baseline_and_exit_is_clean(models, tmp_path):
+    from paletta_server.engines import flux_edit, styles
+
+    pipe = models.model("flux-kontext")
+    ctx = job_ctx(models, tmp_path)
+    calls = []
+    original_load = pipe.load_lora_weights
+    pipe.load_lora_weights = lambda *a, **k: (calls.append(k["adapter_name"]), original_load(*a, **k))[1]
+
+    def edit(prompt="a house"):
+        return pixels(flux_edit.edit(pipe, Sink(), image=gradient(), prompt=prompt, steps=2, seed=2, guidance=2.5))
+
+    def sel(*pairs):
+        return [image_pb2.StyleSelection(name=n, weight=w) for n, w in pairs]
+
+    baseline = edit()
+    with styles.applied_styles(pipe, sel(("tarot", 0.0)), ctx, "a house") as (prompt, applied):
+        assert prompt == "in the style of TOK a trtcrd tarot style, a house"
+        zero = edit()
+    assert (zero == baseline).all()
+    outs = {}
+    for combo in [(("tarot", 1.0),), (("tarot", 1.8),), (("koda", 1.0),), (("tarot", 1.0), ("koda", 1.0))]:
+        with styles.applied_styles(pipe, sel(*combo), ctx, "a house") as (prompt, applied):
+            outs[combo] = edit()
+            assert [a["name"] for a in applied] == [n for n, _ in combo]
+    assert len({o.tobytes() for o in outs.values()} | {baseline.tobytes()}) == 5
+    assert (edit() == baseline).all()  # the job's end switches styles off
+    assert sorted(calls) == ["koda", "tarot"]  # each style loaded once into this pipeline
+
+
+def test_hyper_profile_keeps_acceleration_lora_active_under_styles(models, tmp_path):
+    from paletta_server.engines import flux_edit, styles
+
+    from paletta_server.engines.flux_edit import load_kontext
+
+    pipe = load_kontext(models.source("flux-kontext"), models.lc)  # a fresh pipeline of its own
+    ctx = job_ctx(models, tmp_path, profile=dataclasses.replace(PROFILES["hyper"], tiny=True))
+
+    def edit():
+        return pixels(flux_edit.edit(pipe, Sink(), image=gradient(), prompt="a", steps=2, seed=2, guidance=2.5))
+
+    plain = edit()
+    assert styles.ensure_acceleration(pipe, ctx) == "hyper-sd"
+    accelerated = edit()
+    assert not (accelerated == plain).all()
+    with styles.applied_styles(pipe, [image_pb2.StyleSelection(name="anime", weight=1.0)], ctx, "a"):
+        assert set(pipe.get_active_adapters()) == {"anime", "hyper-sd"}
+    assert pipe.get_active_adapters() == ["hyper-sd"] and (edit() == accelerated).all()
+
+
+def test_qwen_edit_size_previews_and_seed(models):
+    from paletta_server.engines import qwen
+
+    pipe = models.model("qwen-image-edit")
+    sink = Sink()
+    a = qwen.edit(pipe, sink, image=gradient((64, 48)), prompt="make it red", negative_prompt="", steps=2, seed=1,
+                  guidance=4.0, preview_every=1)
+    b = qwen.edit(pipe, Sink(), image=gradient((64, 48)), prompt="make it red", negative_prompt="", steps=2,
+                  seed=2, guidance=4.0)
+    assert a.size == (64, 48) and [s[0] for s in sink.steps] == [1, 2] and len(sink.previews) == 1
+    assert not (pixels(a) == pixels(b)).all()
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as module
+
+    assert module.calculate_dimensions(1024 * 1024, 1.0)[0] == 1024  # the cap is lifted after the job
