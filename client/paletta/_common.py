@@ -42,9 +42,7 @@ Result: TypeAlias = "Any"
 """A typed output result: Detections, Caption, PromptExpansion or Segmentation (proto messages)."""
 
 # Codes after which a stream is worth re-attaching to: the job goes on on the server.
-REATTACH_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN}
-)
+REATTACH_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED})
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
