@@ -30,6 +30,7 @@ async def test_generate_streams_ordered_events_and_outputs(server):
         assert params["seed"] == out.seed and params["steps"] == 4 and params["prompt"] == "a knight"
     finished = events[-1].finished.job
     assert finished.state == job_pb2.JOB_STATE_SUCCEEDED and len(finished.outputs) == 2
+    assert finished.last_seq == events[-1].seq
     assert outputs[0].asset.name != outputs[1].asset.name
 
 

@@ -105,6 +105,8 @@ class JobManager:
         def build(seq: int) -> bytes:
             event = job_pb2.JobEvent(job=name, seq=seq, time=timestamp())
             getattr(event, kind).CopyFrom(payload)
+            if kind == "finished":  # the final Job names its own last event
+                event.finished.job.last_seq = seq
             holder["event"] = event
             return event.SerializeToString()
 
