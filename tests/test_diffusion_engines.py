@@ -251,13 +251,15 @@ def test_styles_change_output_weight_zero_is_baseline_and_exit_is_clean(models, 
 
     baseline = edit()
     with styles.applied_styles(pipe, sel(("tarot", 0.0)), ctx, "a house") as (prompt, applied):
-        assert prompt == "in the style of TOK a trtcrd tarot style, a house"
-        zero = edit()
+        assert prompt == "a house" and applied[0]["weight"] == 0.0  # weight 0 = off, triggers too
+        zero = edit(prompt)
     assert (zero == baseline).all()
+    with styles.applied_styles(pipe, sel(("tarot", 1.0), ("koda", 0.5)), ctx, "a house") as (prompt, applied):
+        assert prompt == "in the style of TOK a trtcrd tarot style, flmft style, a house"
     outs = {}
     for combo in [(("tarot", 1.0),), (("tarot", 1.8),), (("koda", 1.0),), (("tarot", 1.0), ("koda", 1.0))]:
         with styles.applied_styles(pipe, sel(*combo), ctx, "a house") as (prompt, applied):
-            outs[combo] = edit()
+            outs[combo] = edit()  # same prompt each time: the LoRA alone changes the image
             assert [a["name"] for a in applied] == [n for n, _ in combo]
     assert len({o.tobytes() for o in outs.values()} | {baseline.tobytes()}) == 5
     assert (edit() == baseline).all()  # the job's end switches styles off

@@ -37,13 +37,17 @@ def prepare(request: generate_service_pb2.GenerateRequest, ctx: PrepareContext) 
 
 
 def models(request: generate_service_pb2.GenerateRequest, profile: Profile) -> list[str]:
-    return [MODEL] + (["ip-adapter", "clip-vit-large"] if request.HasField("image_prompt") else [])
+    keys = [MODEL] + (["ip-adapter", "clip-vit-large"] if request.HasField("image_prompt") else [])
+    return keys + ([profile.acceleration_lora] if profile.acceleration_lora else [])
 
 
 def run(request: generate_service_pb2.GenerateRequest, ctx: RunContext) -> None:
     from paletta_server.engines import flux
+    from paletta_server.engines import styles as style_engine
 
     pipe = ctx.model(MODEL)
+    # Under the hyper profile the acceleration LoRA stays active with or without styles.
+    style_engine.ensure_acceleration(pipe, ctx)
     guidance = request.guidance if request.HasField("guidance") else 0.0
     with common.diffusion_extras(pipe, request, ctx) as (prompt, extra, applied):
         for i in range(request.variants):

@@ -131,7 +131,11 @@ def loaded_styles(pipe: Any) -> list[str]:
 
 @contextmanager
 def applied_styles(pipe: Any, styles: Any, ctx: Any, prompt: str) -> Iterator[tuple[str, list[dict]]]:
-    """Activate a request's ``StyleSelection``s for the job; yields (prompt with triggers, applied list)."""
+    """Activate a request's ``StyleSelection``s for the job; yields (prompt with triggers, applied list).
+
+    Trigger words of the styles with a positive weight are prepended, comma-separated, in request
+    order; the same style twice adds its weights.
+    """
     state = _state(pipe)
     acceleration = ensure_acceleration(pipe, ctx)
     names: list[str] = []
@@ -151,7 +155,8 @@ def applied_styles(pipe: Any, styles: Any, ctx: Any, prompt: str) -> Iterator[tu
             continue
         names.append(selection.name)
         weights.append(weight)
-        if spec.trigger_word and spec.trigger_word not in triggers:
+        # A style at weight 0 is off: its trigger words would change the image on their own.
+        if weight > 0 and spec.trigger_word and spec.trigger_word not in triggers:
             triggers.append(spec.trigger_word)
         applied.append({"name": selection.name, "weight": round(weight, 4), "trigger_word": spec.trigger_word,
                         "source": spec.source if not ctx.profile.tiny else f"tiny:{selection.name}"})
