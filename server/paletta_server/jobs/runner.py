@@ -114,8 +114,13 @@ class DeviceWorker:
     def _loop(self) -> None:
         while not self._stop.is_set():
             job_id = self.manager.next_job(self._stop)
-            if job_id is not None:
+            if job_id is None:
+                continue
+            try:
                 self.run_job(job_id)
+            except Exception as exc:  # e.g. a job persisted by a build that had a capability this one lacks
+                log.exception("could not run job %s", job_id)
+                self.manager.finish(job_id, st.FAILED, ("INTERNAL", "ENGINE_ERROR", f"{type(exc).__name__}: {exc}"))
 
     def run_job(self, job_id: str) -> None:
         row = self.manager.get_row(job_id)
@@ -125,21 +130,21 @@ class DeviceWorker:
         self.manager.start(job_id)
         ctx = JobContext(self, job_id)
         self.residency.pin(set(capability.models(request, self.profile)))
+        outcome: tuple[str, tuple[str, str, str] | None] = (st.SUCCEEDED, None)
         try:
             capability.run(request, ctx)
         except JobCancelled:
-            self.manager.finish(job_id, st.CANCELLED, ("CANCELLED", "CANCELLED", "cancelled while running"))
+            outcome = (st.CANCELLED, ("CANCELLED", "CANCELLED", "cancelled while running"))
         except PalettaError as exc:
-            self.manager.finish(job_id, st.FAILED, (exc.code, exc.reason, exc.message))
+            outcome = (st.FAILED, (exc.code, exc.reason, exc.message))
         except Exception as exc:  # a failing job must never take the worker down
             if type(exc).__name__ == "OutOfMemoryError":
-                self.manager.finish(job_id, st.FAILED, ("RESOURCE_EXHAUSTED", "OUT_OF_MEMORY", str(exc)[:500]))
+                outcome = (st.FAILED, ("RESOURCE_EXHAUSTED", "OUT_OF_MEMORY", str(exc)[:500]))
             else:
                 log.exception("job %s failed", job_id)
-                message = f"{type(exc).__name__}: {exc}"[:1000]
-                self.manager.finish(job_id, st.FAILED, ("INTERNAL", "ENGINE_ERROR", message))
-        else:
-            self.manager.finish(job_id, st.SUCCEEDED)
+                outcome = (st.FAILED, ("INTERNAL", "ENGINE_ERROR", f"{type(exc).__name__}: {exc}"[:1000]))
         finally:
+            # Unpin before the finished event, so a client reacting to it may unload at once.
             self.residency.pin(set())
             self.current_capability = ""
+        self.manager.finish(job_id, *outcome)
