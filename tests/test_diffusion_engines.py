@@ -96,8 +96,7 @@ def gradient(size=(64, 64)) -> Image.Image:
 
 
 def test_every_tiny_build_loads_back_through_its_registry_loader(models):
-    from diffusers import (FluxControlNetPipeline, FluxFillPipeline, FluxKontextPipeline,
-                           QwenImageEditPipeline)
+    from diffusers import FluxControlNetPipeline, FluxFillPipeline, FluxKontextPipeline, QwenImageEditPipeline
 
     assert isinstance(models.model("flux-kontext"), FluxKontextPipeline)
     assert isinstance(models.model("flux-fill"), FluxFillPipeline)
@@ -268,7 +267,6 @@ def test_styles_change_output_weight_zero_is_baseline_and_exit_is_clean(models, 
 
 def test_hyper_profile_keeps_acceleration_lora_active_under_styles(models, tmp_path):
     from paletta_server.engines import flux_edit, styles
-
     from paletta_server.engines.flux_edit import load_kontext
 
     pipe = load_kontext(models.source("flux-kontext"), models.lc)  # a fresh pipeline of its own

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta.v1 import image_pb2
 from PIL import Image, ImageFilter
 
+from paletta.v1 import image_pb2
 from paletta_server.capabilities import common
 
 MULTIPLE = 16

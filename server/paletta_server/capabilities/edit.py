@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from paletta.v1 import edit_service_pb2
-
 from paletta_server.capabilities import common, diffusion_io
 from paletta_server.capabilities.base import Capability, PrepareContext, RunContext
 from paletta_server.models.profiles import Profile

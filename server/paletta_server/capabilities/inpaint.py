@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta.v1 import inpaint_service_pb2
 from PIL import Image
 
+from paletta.v1 import inpaint_service_pb2
 from paletta_server.capabilities import common, diffusion_io
 from paletta_server.capabilities.base import Capability, PrepareContext, RunContext
 from paletta_server.models.profiles import Profile

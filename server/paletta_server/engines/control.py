@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from paletta.v1 import control_service_pb2 as pb
-
 from paletta_server.engines import flux
 from paletta_server.engines.common import ProgressSink
 from paletta_server.models.registry import LoadContext, ModelSource
