@@ -6,6 +6,7 @@ import json
 
 import grpc
 import pytest
+
 from paletta.v1 import background_service_pb2 as bg
 from paletta.v1 import background_service_pb2_grpc as bg_grpc
 from paletta.v1 import caption_service_pb2 as cap
@@ -19,7 +20,6 @@ from paletta.v1 import segment_service_pb2 as seg
 from paletta.v1 import segment_service_pb2_grpc as seg_grpc
 from paletta.v1 import upscale_service_pb2 as up
 from paletta.v1 import upscale_service_pb2_grpc as up_grpc
-
 from tests.helpers import collect, download_image, error_reason, field_violations, png_bytes
 
 W, H = 96, 64  # the tiny_image_bytes fixture

@@ -63,6 +63,7 @@ def test_tiny_realesrgan_is_a_real_esrgan_checkpoint(models, residency):
 
 def test_realesrgan_tiled_4x_matches_whole_image(models):
     import torch
+
     from paletta_server.engines import upscale
 
     model = models["realesrgan-x4plus"]
@@ -282,6 +283,7 @@ def test_caption_checks_cancellation_per_token(models):
 # -- Qwen2.5 expand ------------------------------------------------------------------------------
 def test_expand_is_deterministic_per_seed_and_leaves_global_rng(models):
     import torch
+
     from paletta_server.engines import prompt
 
     rewriter = models["qwen2.5-1.5b-instruct"]

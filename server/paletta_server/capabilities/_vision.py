@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from paletta.v1 import image_pb2
-
 from paletta_server.capabilities import common
 from paletta_server.capabilities.base import PrepareContext, RunContext
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from paletta.v1 import detect_service_pb2, result_pb2
-
 from paletta_server.capabilities import common
 from paletta_server.capabilities._vision import check_threshold, inference, prepare_image
 from paletta_server.capabilities.base import HIGH, Capability, PrepareContext, RunContext

@@ -99,7 +99,7 @@ def upscale_tiled(model: Any, image: Image.Image, scale: float | None = None, ti
             # The cell plus `overlap` pixels of context on each side (clamped to the image).
             px0, py0 = max(x0 - overlap, 0), max(y0 - overlap, 0)
             px1, py1 = min(x1 + overlap, width), min(y1 + overlap, height)
-            patch = torch.from_numpy(np.ascontiguousarray(rgb[py0:py1, px0:px1])).to(device)
+            patch = torch.from_numpy(np.array(rgb[py0:py1, px0:px1])).to(device)  # a copy: rgb is read-only
             patch = patch.permute(2, 0, 1).unsqueeze(0).to(dtype).div_(255.0)
             result = model(patch)
             # Keep only the cell's own region of the result: the context is cropped away.
