@@ -7,8 +7,9 @@ import io
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from paletta.v1 import asset_service_pb2, asset_service_pb2_grpc, job_pb2
 from PIL import Image
+
+from paletta.v1 import asset_service_pb2, asset_service_pb2_grpc, job_pb2
 
 
 async def collect(stream) -> list[job_pb2.JobEvent]:

@@ -4,13 +4,13 @@ import io
 
 import grpc
 import pytest
+from PIL import Image
+
 from paletta.v1 import asset_service_pb2 as asset_pb
 from paletta.v1 import asset_service_pb2_grpc as asset_grpc
 from paletta.v1 import generate_service_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta.v1 import image_pb2, job_pb2
-from PIL import Image
-
 from tests.helpers import collect, error_reason, field_violations, png_bytes, upload
 
 GOOD = dict(prompt="a knight", width=64, height=64, steps=2, seed=1)

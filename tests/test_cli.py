@@ -15,6 +15,8 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from PIL import Image, PngImagePlugin
+
 from paletta import cli
 from paletta.v1 import (
     asset_service_pb2,
@@ -27,7 +29,6 @@ from paletta.v1 import (
     system_service_pb2,
     system_service_pb2_grpc,
 )
-from PIL import Image, PngImagePlugin
 
 JOB = "jobs/abc"
 

@@ -3,11 +3,11 @@
 import io
 import json
 
+from PIL import Image
+
 from paletta.v1 import generate_service_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta.v1 import job_pb2
-from PIL import Image
-
 from tests.helpers import collect, download, download_image, kinds
 
 

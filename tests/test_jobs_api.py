@@ -6,10 +6,10 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
 from paletta.v1 import generate_service_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
-
 from tests.helpers import collect, error_reason, field_violations, kinds
 
 SLOW = dict(prompt="slow", width=256, height=256, steps=100, seed=1)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from paletta_server.config import load_config
 from paletta_server.engines.common import Device
 from paletta_server.models.registry import ModelRegistry, ModelSpec, env_var

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from paletta.v1 import generate_service_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
-
 from tests.conftest import link_tiny_models
 from tests.helpers import collect, download
 

@@ -11,10 +11,12 @@ from typing import Any
 
 import grpc
 import grpc_testing
-import paletta
 import pytest
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from PIL import Image
+
+import paletta
 from paletta import _common
 from paletta.v1 import (
     asset_service_pb2,
@@ -26,7 +28,6 @@ from paletta.v1 import (
     job_service_pb2,
     job_service_pb2_grpc,
 )
-from PIL import Image
 
 SERVICES = [
     generate_service_pb2.DESCRIPTOR.services_by_name["GenerateService"],

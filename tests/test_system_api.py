@@ -6,12 +6,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from paletta.v1 import generate_service_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta.v1 import job_pb2, style_service_pb2, style_service_pb2_grpc
 from paletta.v1 import system_service_pb2 as sys_pb
 from paletta.v1 import system_service_pb2_grpc as sys_grpc
-
 from tests.helpers import collect, error_reason
 
 QUICK = dict(prompt="q", width=64, height=64, steps=1, seed=1)

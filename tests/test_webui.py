@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 
 from nicegui.testing.user_simulation import user_simulation
+from PIL import Image
+
 from paletta.v1 import image_pb2, job_pb2, system_service_pb2
 from paletta_webui.logic import Generation, human_bytes, status_rows
 from paletta_webui.page import make_root
-from PIL import Image
 
 JOB = "jobs/7"
 

@@ -9,13 +9,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+
 from paletta.v1 import (
     asset_service_pb2_grpc,
     job_service_pb2_grpc,
     style_service_pb2_grpc,
     system_service_pb2_grpc,
 )
-
 from paletta_server.api.assets import AssetServicer
 from paletta_server.api.auth import BearerTokenInterceptor
 from paletta_server.api.capabilities import add_capability_services

@@ -31,12 +31,12 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from paletta.v1 import generate_service_pb2 as gen  # noqa: E402
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc  # noqa: E402
 from paletta_server.config import load_config  # noqa: E402
 from paletta_server.server import PalettaServer  # noqa: E402
-from PIL import Image  # noqa: E402
-
 from tests.helpers import collect, download, upload  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

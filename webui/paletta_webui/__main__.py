@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-import paletta
 from nicegui import ui
 
+import paletta
 from paletta_webui.page import make_root
 
 

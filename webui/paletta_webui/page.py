@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import paletta
 from nicegui import ui
 
+import paletta
 from paletta_webui.logic import Generation, data_url, status_rows
 
 

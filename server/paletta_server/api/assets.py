@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from paletta.v1 import asset_service_pb2, asset_service_pb2_grpc, image_pb2
 
+from paletta.v1 import asset_service_pb2, asset_service_pb2_grpc, image_pb2
 from paletta_server.api.errors import abort, streaming, unary
 from paletta_server.app import PalettaApp
 from paletta_server.errors import PalettaError

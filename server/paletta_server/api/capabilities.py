@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from paletta.v1 import job_pb2
 
+from paletta.v1 import job_pb2
 from paletta_server.api.errors import abort
 from paletta_server.app import PalettaApp
 from paletta_server.errors import PalettaError

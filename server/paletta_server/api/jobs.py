@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from paletta.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
+from paletta.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from paletta_server.api.errors import streaming, unary
 from paletta_server.app import PalettaApp
 from paletta_server.errors import NotFound, invalid

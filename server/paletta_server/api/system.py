@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from paletta.v1 import style_service_pb2, style_service_pb2_grpc, system_service_pb2, system_service_pb2_grpc
 
+from paletta.v1 import style_service_pb2, style_service_pb2_grpc, system_service_pb2, system_service_pb2_grpc
 from paletta_server import __version__
 from paletta_server.api.errors import streaming, unary
 from paletta_server.app import PalettaApp

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf.message import Message
+
 from paletta.v1 import image_pb2
 
 if TYPE_CHECKING:

@@ -8,7 +8,6 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from paletta.v1 import image_pb2
-
 from paletta_server.capabilities.base import PrepareContext
 from paletta_server.errors import FieldViolation, InvalidArgument, invalid
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from paletta.v1 import job_pb2
 
+from paletta.v1 import job_pb2
 from paletta_server.jobs.store import JobRow, OutputRow
 
 DOMAIN = "paletta"

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paletta.v1 import job_pb2
-
 from paletta_server.capabilities.base import Capability
 from paletta_server.errors import FailedPrecondition, NotFound, ResourceExhausted, invalid
 from paletta_server.jobs import store as st

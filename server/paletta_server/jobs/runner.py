@@ -12,9 +12,9 @@ import threading
 from typing import Any
 
 from google.protobuf.message import Message
-from paletta.v1 import image_pb2, job_pb2
 from PIL import Image
 
+from paletta.v1 import image_pb2, job_pb2
 from paletta_server.capabilities.base import Capability
 from paletta_server.config import Config
 from paletta_server.errors import JobCancelled, PalettaError
