@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 from google.protobuf.message import Message
 
 from paletta import _common as c
+from paletta import pipeline as pipeline_script
 from paletta._common import ImageInput, StylesInput
 from paletta.v1 import (
     background_service_pb2,
@@ -24,6 +25,7 @@ from paletta.v1 import (
     edit_service_pb2,
     generate_service_pb2,
     inpaint_service_pb2,
+    pipeline_service_pb2,
     prompt_service_pb2,
     qwen_edit_service_pb2,
     segment_service_pb2,
@@ -483,3 +485,34 @@ class Capabilities(Generic[H]):
             **c.common_fields(request_id, priority, cancel_on_disconnect),
         )
         return self._start("PromptService", "Expand", request, [])
+
+    def pipeline(
+        self,
+        steps: str | Sequence[pipeline_service_pb2.PipelineStep],
+        *,
+        image: ImageInput | None = None,
+        request_id: str | None = None,
+        priority: int | str | None = None,
+        cancel_on_disconnect: bool = False,
+    ) -> H:
+        """Run a chain of steps as one job, each on the previous step's output.
+
+        ``steps`` is a pipeline script (see :mod:`paletta.pipeline`) or PipelineStep messages;
+        ``image`` is the optional starting image. Every step's outputs come back in order.
+
+        Example::
+
+            job = client.pipeline('''
+                [generate|tarot] knight in stormy mountain pass
+                [auto_mask] the knight
+                [inpaint] in obsidian cyborg armor with neon glow
+            ''')
+            final = list(job.images())[-1]
+        """
+        if isinstance(steps, str):
+            steps = pipeline_script.parse(steps, has_image=image is not None)
+        request = pipeline_service_pb2.RunPipelineRequest(
+            steps=list(steps), **c.common_fields(request_id, priority, cancel_on_disconnect)
+        )
+        images = [ImageSlot(request, "image", image)] if image is not None else []
+        return self._start("PipelineService", "RunPipeline", request, images)

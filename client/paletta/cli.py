@@ -169,6 +169,16 @@ def cmd_upscale(client: Client, args: argparse.Namespace) -> int:
     return run_job(client, args, job)
 
 
+def cmd_pipeline(client: Client, args: argparse.Namespace) -> int:
+    script = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
+    try:
+        job = client.pipeline(script, image=args.image, priority=args.priority)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_job(client, args, job)
+
+
 def cmd_remove_bg(client: Client, args: argparse.Namespace) -> int:
     job = client.remove_background(args.image, return_mask=args.mask, priority=args.priority)
     return run_job(client, args, job)
@@ -425,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscaler", choices=["realesrgan", "lanczos"])
     p.add_argument("--scale", type=float)
     p.add_argument("--tile", type=int, default=0)
+    _job_options(p)
+
+    p = add("pipeline", cmd_pipeline, "run a pipeline script ([mode|style] text per line) as one job")
+    p.add_argument("script", help="a file of steps, or - for standard input")
+    p.add_argument("-o", "--output", type=Path, required=True, help="every step's outputs: OUT, OUT-1, …")
+    p.add_argument("--image", help="starting image (path or assets/…)")
     _job_options(p)
 
     p = add("remove-bg", cmd_remove_bg, "cut out the subject (BiRefNet): RGBA PNG")

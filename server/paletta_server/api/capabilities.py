@@ -38,6 +38,7 @@ CAPABILITY_RPCS: dict[tuple[str, str, str], str] = {
     ("caption_service", "CaptionService", "Caption"): "caption",
     ("caption_service", "CaptionService", "Analyze"): "analyze",
     ("prompt_service", "PromptService", "Expand"): "expand",
+    ("pipeline_service", "PipelineService", "RunPipeline"): "pipeline",
 }
 
 

@@ -53,6 +53,9 @@ class RunContext(Protocol):
 
     def progress(self, step: int, total: int, stage: str) -> None: ...
 
+    def use_models(self, keys: list[str]) -> None:
+        """Pin these models (and only these) against eviction; for jobs whose steps change models."""
+
     def preview(self, image: Image.Image, step: int) -> None:
         """Send a preview (downscaled to 256 px and JPEG-encoded here)."""
 

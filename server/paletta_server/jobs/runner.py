@@ -51,6 +51,9 @@ class JobContext:
 
         return self._worker.residency.ensure_resident(key, listener)
 
+    def use_models(self, keys: list[str]) -> None:
+        self._worker.residency.pin(set(keys))
+
     def progress(self, step: int, total: int, stage: str) -> None:
         self._manager.emit(self.job_id, "progress", job_pb2.JobProgress(step=step, total_steps=total, stage=stage))
 
