@@ -184,6 +184,8 @@ class JobManager:
                 removed = self.scheduler.remove(job_id)
             if removed:
                 self._finish(job_id, st.CANCELLED, ("CANCELLED", "CANCELLED", "cancelled while queued"))
+            else:  # picked by the worker a moment ago: it stops at its first check
+                self._cancel_requested.add(job_id)
         elif row.state == st.RUNNING:
             self._cancel_requested.add(job_id)
         return self.job(job_id)

@@ -7,6 +7,7 @@ runs the capability with a RunContext, and turns the outcome into the finished e
 from __future__ import annotations
 
 import io
+import json
 import logging
 import threading
 from typing import Any
@@ -80,8 +81,6 @@ class JobContext:
             info = self.assets.put_image(image, parameters)
             output.asset.CopyFrom(image_pb2.Asset(name=info.name, mime=info.mime, width=info.width,
                                                   height=info.height, size_bytes=info.size_bytes))
-        import json
-
         output.parameters = json.dumps(parameters, sort_keys=True)
         if result is not None:
             field = {"Detections": "detections", "Caption": "caption", "PromptExpansion": "expansion",

@@ -127,9 +127,13 @@ class AssetStore:
         return self._path(parse_asset_name(name, field_name))
 
     def open_image(self, name: str, field_name: str = "image") -> Image.Image:
+        """The decoded image: RGB, RGBA or L (palette, CMYK, 16-bit and the like are converted)."""
         with Image.open(self.path(name, field_name)) as img:
             img.load()
-            return img.copy() if img.mode in ("RGB", "RGBA", "L") else img.convert("RGBA" if "A" in img.mode else "RGB")
+            if img.mode in ("RGB", "RGBA", "L"):
+                return img.copy()
+            has_alpha = "A" in img.mode or "transparency" in img.info
+            return img.convert("RGBA" if has_alpha else "RGB")
 
     def iter_bytes(self, name: str, chunk_size: int = 1 << 20):
         with self.path(name).open("rb") as fh:
