@@ -1,6 +1,7 @@
 """Bad input gets INVALID_ARGUMENT (or NOT_FOUND / RESOURCE_EXHAUSTED) naming the field; the server keeps serving."""
 
 import io
+import json
 
 import grpc
 import pytest
@@ -19,6 +20,10 @@ GOOD = dict(prompt="a knight", width=64, height=64, steps=2, seed=1)
 @pytest.mark.parametrize("change, field", [
     (dict(prompt=""), "prompt"),
     (dict(prompt="   "), "prompt"),
+    (dict(width=0), "width"),
+    (dict(height=0), "height"),
+    (dict(steps=0), "steps"),
+    (dict(variants=0), "variants"),
     (dict(width=-16), "width"),
     (dict(height=-1), "height"),
     (dict(width=100), "width"),
@@ -38,12 +43,14 @@ async def test_generate_rejects_bad_fields(server, change, field):
     assert field in field_violations(err.value)
 
 
-async def test_zero_steps_and_variants_take_defaults(server):
-    # 0 is "unset" in proto3: steps 0 means schnell's 4, variants 0 means 1.
+async def test_unset_sizes_steps_and_variants_take_defaults(server):
+    # Unset optional fields take defaults (an explicit 0 is refused above): 1024 capped to the
+    # tiny profile's 1024, schnell's 4 steps, one variant.
     stub = gen_grpc.GenerateServiceStub(server.channel)
-    events = await collect(stub.Generate(gen.GenerateRequest(prompt="a", width=64, height=64, seed=1)))
+    events = await collect(stub.Generate(gen.GenerateRequest(prompt="a", seed=1)))
     out = [e.output for e in events if e.HasField("output")]
-    assert len(out) == 1 and '"steps": 4' in out[0].parameters
+    assert len(out) == 1 and (out[0].asset.width, out[0].asset.height) == (1024, 1024)
+    assert json.loads(out[0].parameters)["steps"] == 4
 
 
 async def test_all_violations_reported_together(server):

@@ -64,11 +64,11 @@ class Capabilities(Generic[H]):
         self,
         prompt: str,
         *,
-        width: int = 0,
-        height: int = 0,
-        steps: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
         seed: int | None = None,
-        variants: int = 0,
+        variants: int | None = None,
         styles: StylesInput = None,
         image_prompt: ImageInput | None = None,
         image_prompt_weight: float | None = None,
@@ -79,7 +79,7 @@ class Capabilities(Generic[H]):
     ) -> H:
         """Text to image with FLUX.1-schnell; ``variants`` N use seeds seed, seed+1, ….
 
-        0 means the server default for width, height, steps and variants. ``styles`` stacks style
+        None (the default) leaves width, height, steps and variants to the server; 0 is refused. ``styles`` stacks style
         LoRAs ("tarot", "tarot:0.8", ("tarot", 0.8) or {"tarot": 0.8}); ``image_prompt`` is an
         IP-Adapter reference image.
 
@@ -91,12 +91,10 @@ class Capabilities(Generic[H]):
         """
         request = generate_service_pb2.GenerateRequest(
             prompt=prompt,
-            width=width,
-            height=height,
-            steps=steps,
-            variants=variants,
             styles=c.styles(styles),
-            **c.optional_fields(seed=seed, guidance=guidance),
+            **c.optional_fields(
+                width=width, height=height, steps=steps, variants=variants, seed=seed, guidance=guidance
+            ),
             **c.common_fields(request_id, priority, cancel_on_disconnect),
         )
         images = _image_prompt(request, image_prompt, image_prompt_weight)
@@ -108,9 +106,9 @@ class Capabilities(Generic[H]):
         prompt: str,
         *,
         guidance: float | None = None,
-        steps: int = 0,
+        steps: int | None = None,
         seed: int | None = None,
-        variants: int = 0,
+        variants: int | None = None,
         styles: StylesInput = None,
         image_prompt: ImageInput | None = None,
         image_prompt_weight: float | None = None,
@@ -127,11 +125,9 @@ class Capabilities(Generic[H]):
         """
         request = edit_service_pb2.EditRequest(
             prompt=prompt,
-            steps=steps,
-            variants=variants,
             styles=c.styles(styles),
             upscaler=c.upscaler(upscaler),
-            **c.optional_fields(seed=seed, guidance=guidance),
+            **c.optional_fields(steps=steps, variants=variants, seed=seed, guidance=guidance),
             **c.common_fields(request_id, priority, cancel_on_disconnect),
         )
         images = [
@@ -148,9 +144,9 @@ class Capabilities(Generic[H]):
         *,
         feather: int = 0,
         guidance: float | None = None,
-        steps: int = 0,
+        steps: int | None = None,
         seed: int | None = None,
-        variants: int = 0,
+        variants: int | None = None,
         upscaler: int | str | None = None,
         request_id: str | None = None,
         priority: int | str | None = None,
@@ -166,10 +162,8 @@ class Capabilities(Generic[H]):
         request = inpaint_service_pb2.InpaintRequest(
             prompt=prompt,
             feather=feather,
-            steps=steps,
-            variants=variants,
             upscaler=c.upscaler(upscaler),
-            **c.optional_fields(seed=seed, guidance=guidance),
+            **c.optional_fields(steps=steps, variants=variants, seed=seed, guidance=guidance),
             **c.common_fields(request_id, priority, cancel_on_disconnect),
         )
         images = [ImageSlot(request, "image", image), ImageSlot(request, "mask", mask)]
@@ -186,9 +180,9 @@ class Capabilities(Generic[H]):
         bottom: int = 0,
         feather: int = 0,
         guidance: float | None = None,
-        steps: int = 0,
+        steps: int | None = None,
         seed: int | None = None,
-        variants: int = 0,
+        variants: int | None = None,
         upscaler: int | str | None = None,
         request_id: str | None = None,
         priority: int | str | None = None,
@@ -207,10 +201,8 @@ class Capabilities(Generic[H]):
             top=top,
             bottom=bottom,
             feather=feather,
-            steps=steps,
-            variants=variants,
             upscaler=c.upscaler(upscaler),
-            **c.optional_fields(seed=seed, guidance=guidance),
+            **c.optional_fields(steps=steps, variants=variants, seed=seed, guidance=guidance),
             **c.common_fields(request_id, priority, cancel_on_disconnect),
         )
         return self._start("InpaintService", "Outpaint", request, [ImageSlot(request, "image", image)])
@@ -222,9 +214,9 @@ class Capabilities(Generic[H]):
         *,
         negative_prompt: str = "",
         guidance: float | None = None,
-        steps: int = 0,
+        steps: int | None = None,
         seed: int | None = None,
-        variants: int = 0,
+        variants: int | None = None,
         upscaler: int | str | None = None,
         request_id: str | None = None,
         priority: int | str | None = None,
@@ -239,10 +231,8 @@ class Capabilities(Generic[H]):
         request = qwen_edit_service_pb2.QwenEditServiceEditRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
-            steps=steps,
-            variants=variants,
             upscaler=c.upscaler(upscaler),
-            **c.optional_fields(seed=seed, guidance=guidance),
+            **c.optional_fields(steps=steps, variants=variants, seed=seed, guidance=guidance),
             **c.common_fields(request_id, priority, cancel_on_disconnect),
         )
         return self._start("QwenEditService", "Edit", request, [ImageSlot(request, "image", image)])
@@ -260,9 +250,9 @@ class Capabilities(Generic[H]):
         guidance: float | None = None,
         image_prompt: ImageInput | None = None,
         image_prompt_weight: float | None = None,
-        steps: int = 0,
+        steps: int | None = None,
         seed: int | None = None,
-        variants: int = 0,
+        variants: int | None = None,
         upscaler: int | str | None = None,
         request_id: str | None = None,
         priority: int | str | None = None,
@@ -283,10 +273,10 @@ class Capabilities(Generic[H]):
             preprocess=c.preprocess(preprocess),
             width=width,
             height=height,
-            steps=steps,
-            variants=variants,
             upscaler=c.upscaler(upscaler),
-            **c.optional_fields(seed=seed, guidance=guidance, control_scale=control_scale),
+            **c.optional_fields(
+                steps=steps, variants=variants, seed=seed, guidance=guidance, control_scale=control_scale
+            ),
             **c.common_fields(request_id, priority, cancel_on_disconnect),
         )
         images = [

@@ -388,9 +388,9 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
 
 def _diffusion_options(parser: argparse.ArgumentParser, *, styles: bool = True) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="output file; variants add -1, -2 …")
-    parser.add_argument("--steps", type=int, default=0, help="denoising steps (0: profile default)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, help="seed of the first variant (default: random)")
-    parser.add_argument("--variants", type=int, default=0, help="number of images (default 1)")
+    parser.add_argument("--variants", type=int, help="number of images (default 1)")
     parser.add_argument("--guidance", type=float, help="guidance scale")
     parser.add_argument("--request-id", help="idempotency key: repeating it re-attaches to the same job")
     if styles:
@@ -418,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("generate", cmd_generate, "text to image (FLUX.1-schnell)")
     p.add_argument("prompt")
-    p.add_argument("--width", type=int, default=0, help="multiple of 16 (0: 1024 capped to the profile)")
-    p.add_argument("--height", type=int, default=0, help="multiple of 16 (0: 1024 capped to the profile)")
+    p.add_argument("--width", type=int, help="multiple of 16 (default: 1024 capped to the profile)")
+    p.add_argument("--height", type=int, help="multiple of 16 (default: 1024 capped to the profile)")
     p.add_argument("--image-prompt", help="IP-Adapter reference image (path or assets/…)")
     p.add_argument("--image-prompt-weight", type=float, help="IP-Adapter weight in [0, 2]")
     _diffusion_options(p)

@@ -27,7 +27,7 @@ class Workstation:
                 with ui.row():
                     self.width = ui.number("Width", value=1024, step=16, min=16).classes("w-24")
                     self.height = ui.number("Height", value=1024, step=16, min=16).classes("w-24")
-                    self.steps = ui.number("Steps", value=0, min=0, max=100).classes("w-20")
+                    self.steps = ui.number("Steps (empty: default)", value=None, min=1, max=100).classes("w-20")
                 with ui.row():
                     self.seed = ui.number("Seed (empty: random)", value=None).classes("w-40")
                     self.variants = ui.number("Variants", value=1, min=1, max=8).classes("w-24")
@@ -53,7 +53,8 @@ class Workstation:
             for label, value in rows:
                 ui.label(f"{label}: {value}")
 
-    def _int(self, element: Any, default: int = 0) -> int:
+    def _int(self, element: Any, default: int | None = None) -> int | None:
+        """The field's integer, or ``default`` when it is empty (None: the server's default)."""
         return int(element.value) if element.value not in (None, "") else default
 
     async def generate(self) -> None:

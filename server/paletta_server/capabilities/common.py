@@ -53,18 +53,20 @@ def check_size(v: Violations, value: int, max_edge: int, field_name: str) -> Non
         v.add(field_name, f"must be at most {max_edge} in this profile, got {value}")
 
 
-def default_steps(v: Violations, steps: int, default: int, field_name: str = "steps") -> int:
-    if steps == 0:
-        return default
-    check_range(v, steps, 1, 100, field_name)
-    return steps
+def default_count(v: Violations, request: Any, field_name: str, default: int, hi: int) -> None:
+    """Fill an unset optional count (steps, variants) with its default; refuse 0 and values outside [1, hi]."""
+    if not request.HasField(field_name):
+        setattr(request, field_name, default)
+    else:
+        check_range(v, getattr(request, field_name), 1, hi, field_name)
 
 
-def default_variants(v: Violations, variants: int, field_name: str = "variants") -> int:
-    if variants == 0:
-        return 1
-    check_range(v, variants, 1, 8, field_name)
-    return variants
+def default_steps(v: Violations, request: Any, default: int) -> None:
+    default_count(v, request, "steps", default, 100)
+
+
+def default_variants(v: Violations, request: Any) -> None:
+    default_count(v, request, "variants", 1, 8)
 
 
 def resolve_seed(request: Any) -> None:

@@ -113,8 +113,8 @@ def input_image(v: common.Violations, ctx: Any, ref: image_pb2.ImageRef, field_n
 
 def check_common(v: common.Violations, request: Any, default_steps: int, guidance_range: tuple[float, float]) -> None:
     """steps / variants / guidance / upscaler, shared by every diffusion request."""
-    request.steps = common.default_steps(v, request.steps, default_steps)
-    request.variants = common.default_variants(v, request.variants)
+    common.default_steps(v, request, default_steps)
+    common.default_variants(v, request)
     if request.HasField("guidance"):
         common.check_range(v, request.guidance, guidance_range[0], guidance_range[1], "guidance")
     check_upscaler(v, request)

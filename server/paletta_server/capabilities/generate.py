@@ -19,13 +19,12 @@ def prepare(request: generate_service_pb2.GenerateRequest, ctx: PrepareContext) 
     common.check_prompt(v, request.prompt)
     max_edge = ctx.profile.max_generate_edge
     for name in ("width", "height"):
-        value = getattr(request, name)
-        if value == 0:
+        if not request.HasField(name):
             setattr(request, name, min(DEFAULT_EDGE, max_edge))
         else:
-            common.check_size(v, value, max_edge, name)
-    request.steps = common.default_steps(v, request.steps, DEFAULT_STEPS)
-    request.variants = common.default_variants(v, request.variants)
+            common.check_size(v, getattr(request, name), max_edge, name)
+    common.default_steps(v, request, DEFAULT_STEPS)
+    common.default_variants(v, request)
     if request.HasField("guidance"):
         common.check_range(v, request.guidance, 0.0, 20.0, "guidance")
     common.check_styles(v, ctx, request.styles, allowed=True, mode="generate")
