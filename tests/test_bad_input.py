@@ -81,6 +81,7 @@ async def test_unknown_image_prompt_asset_is_not_found(server):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(stub.Generate(req))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "image_prompt.image.asset" in field_violations(err.value)
 
 
 async def test_corrupt_image_and_decompression_bomb(server):
@@ -108,7 +109,7 @@ async def test_upload_over_size_limit(server_factory):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await upload(handle.channel, big.getvalue(), chunk=4096)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error_reason(err.value) == "ASSET_TOO_LARGE"
+    assert error_reason(err.value) == "ASSET_TOO_LARGE" and "data" in field_violations(err.value)
 
 
 async def test_server_keeps_serving_after_bad_input(server):

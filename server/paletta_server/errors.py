@@ -19,12 +19,15 @@ class PalettaError(Exception):
     code = "INTERNAL"  # canonical gRPC code name
     reason = "INTERNAL"
 
-    def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None):
+    def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None,
+                 violations: list[FieldViolation] | None = None):
         super().__init__(message)
         self.message = message
         if reason:
             self.reason = reason
         self.metadata = metadata or {}
+        # Fields the error is about; sent as google.rpc.BadRequest whatever the code.
+        self.violations = violations or []
 
 
 class InvalidArgument(PalettaError):
@@ -34,9 +37,9 @@ class InvalidArgument(PalettaError):
     reason = "INVALID_ARGUMENT"
 
     def __init__(self, violations: list[FieldViolation] | FieldViolation, *, reason: str | None = None):
-        self.violations = [violations] if isinstance(violations, FieldViolation) else list(violations)
-        text = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
-        super().__init__(text, reason=reason)
+        items = [violations] if isinstance(violations, FieldViolation) else list(violations)
+        text = "; ".join(f"{v.field}: {v.description}" for v in items)
+        super().__init__(text, reason=reason, violations=items)
 
 
 def invalid(field_name: str, description: str) -> InvalidArgument:
@@ -66,9 +69,8 @@ class ResourceExhausted(PalettaError):
 
     def __init__(self, message: str, *, reason: str | None = None, retry_after_s: float | None = None,
                  violations: list[FieldViolation] | None = None):
-        super().__init__(message, reason=reason)
+        super().__init__(message, reason=reason, violations=violations)
         self.retry_after_s = retry_after_s
-        self.violations = violations or []
 
 
 class ModelUnavailable(FailedPrecondition):

@@ -26,7 +26,7 @@ def _pack(message: Any) -> any_pb2.Any:
 
 def to_rich_status(exc: PalettaError) -> status_pb2.Status:
     details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))]
-    violations = getattr(exc, "violations", None)
+    violations = exc.violations
     if violations:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from paletta_server.errors import InvalidArgument, NotFound, ResourceExhausted, invalid
+from paletta_server.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted, invalid
 
 _NAME = re.compile(r"^assets/([0-9a-f]{64})$")
 _FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -83,7 +83,7 @@ class AssetStore:
         if len(data) > self.max_bytes:
             raise ResourceExhausted(
                 f"{field_name}: {len(data)} bytes exceeds the upload limit of {self.max_bytes} bytes",
-                reason="ASSET_TOO_LARGE",
+                reason="ASSET_TOO_LARGE", violations=[FieldViolation(field_name, "exceeds the upload size limit")],
             )
         if not data:
             raise invalid(field_name, "no bytes were sent")
@@ -119,7 +119,8 @@ class AssetStore:
         digest = parse_asset_name(name, field_name)
         meta = self._path(digest).with_suffix(".json")
         if not self._path(digest).exists() or not meta.exists():
-            raise NotFound(f"{field_name}: asset {name} does not exist", reason="ASSET_NOT_FOUND")
+            raise NotFound(f"{field_name}: asset {name} does not exist", reason="ASSET_NOT_FOUND",
+                           violations=[FieldViolation(field_name, f"asset {name} does not exist")])
         return AssetInfo(**json.loads(meta.read_text()))
 
     def path(self, name: str, field_name: str = "name") -> Path:
@@ -157,7 +158,8 @@ class AssetUpload:
         self.size += len(data)
         if self.size > self.store.max_bytes:
             raise ResourceExhausted(
-                f"data: upload exceeds the limit of {self.store.max_bytes} bytes", reason="ASSET_TOO_LARGE")
+                f"data: upload exceeds the limit of {self.store.max_bytes} bytes", reason="ASSET_TOO_LARGE",
+                violations=[FieldViolation("data", f"exceeds the upload limit of {self.store.max_bytes} bytes")])
         self._hash.update(data)
         self._file.write(data)
 
