@@ -11,7 +11,7 @@ from paletta_server import __version__
 from paletta_server.api.errors import streaming, unary
 from paletta_server.app import PalettaApp
 from paletta_server.errors import NotFound, invalid
-from paletta_server.models.device import gpu_stats
+from paletta_server.models.device import describe, gpu_stats
 from paletta_server.models.registry import env_var
 
 
@@ -33,7 +33,7 @@ class SystemServicer(system_service_pb2_grpc.SystemServiceServicer):
         device = app.device
         quantization = device.quantization + (f" ({device.note})" if device.note else "")
         status = system_service_pb2.GetStatusResponse(
-            device=device.describe(), profile=app.profile.name, quantization=quantization, version=__version__,
+            device=describe(device), profile=app.profile.name, quantization=quantization, version=__version__,
             loaded_models=[self._model(k, resident) for k in resident],
             memory_budget_bytes=app.residency.budget_bytes(), memory_used_bytes=sum(resident.values()),
             queue_length=app.manager.queue_length(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -33,13 +34,34 @@ class Device:
 
         return torch.bfloat16 if self.quantization in ("nf4", "bf16") else torch.float32
 
-    def describe(self) -> str:
-        if self.name == "cuda":
-            from paletta_server.models.device import gpu_stats
 
-            stats = gpu_stats()
-            return f"cuda:0 ({stats.name})" if stats else "cuda:0"
-        return "cpu"
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model loads from: a Hugging Face repo at a revision, or a local folder or file."""
+
+    key: str
+    repo: str = ""
+    revision: str = ""
+    path: Path | None = None
+    filename: str = ""
+
+    @property
+    def local(self) -> bool:
+        return self.path is not None
+
+    def describe(self) -> str:
+        return str(self.path) if self.path else f"{self.repo}@{self.revision}"
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """What a registry loader gets besides its own source."""
+
+    profile: Any  # models.profiles.Profile: name, quantization, tiny, acceleration settings
+    device: Device
+    # Source of another registry key (e.g. the FLUX.1-dev base under a ControlNet); builds tiny ones.
+    source_of: Callable[[str], ModelSource]
 
 
 def import_object(dotted: str) -> Any:

@@ -16,8 +16,7 @@ from typing import Any
 
 from paletta.v1 import control_service_pb2 as pb
 from paletta_server.engines import flux
-from paletta_server.engines.common import ProgressSink
-from paletta_server.models.registry import LoadContext, ModelSource
+from paletta_server.engines.common import LoadContext, ModelSource, ProgressSink
 
 CONTROL_MODES: dict[int, int] = {pb.CONTROL_TYPE_CANNY: 0, pb.CONTROL_TYPE_DEPTH: 2, pb.CONTROL_TYPE_POSE: 4}
 CONTROL_NAMES: dict[int, str] = {pb.CONTROL_TYPE_CANNY: "canny", pb.CONTROL_TYPE_DEPTH: "depth",

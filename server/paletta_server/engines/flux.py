@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta_server.engines.common import ProgressSink, step_callback
-from paletta_server.models.registry import LoadContext, ModelSource
+from paletta_server.engines.common import LoadContext, ModelSource, ProgressSink, step_callback
 
 NF4_COMPONENTS = ["transformer", "text_encoder_2"]
 

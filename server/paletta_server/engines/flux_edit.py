@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from paletta_server.engines import flux
-from paletta_server.engines.common import ProgressSink
-from paletta_server.models.registry import LoadContext, ModelSource
+from paletta_server.engines.common import LoadContext, ModelSource, ProgressSink
 
 
 def load_kontext(source: ModelSource, lc: LoadContext) -> Any:

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from paletta_server.engines.common import LoadContext, ModelSource
 from paletta_server.errors import ModelUnavailable
-from paletta_server.models.registry import LoadContext, ModelSource
 
 DEFAULT_WEIGHT = 0.7
 WEIGHT_FILE = "ip_adapter.safetensors"

@@ -15,8 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from paletta_server.engines import flux
-from paletta_server.engines.common import ProgressSink, step_callback
-from paletta_server.models.registry import LoadContext, ModelSource
+from paletta_server.engines.common import LoadContext, ModelSource, ProgressSink, step_callback
 
 FULL_AREA = 1024 * 1024
 _patch_lock = threading.Lock()

@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from paletta_server.engines.common import LoadContext, ModelSource
 from paletta_server.errors import ModelUnavailable
-from paletta_server.models.registry import LoadContext, ModelSource
 
 ACCELERATION_WEIGHT = 0.125
 MAX_LOADED_STYLES = 5

@@ -27,6 +27,14 @@ def detect_device(profile: Profile) -> Device:
     return Device("cpu", "fp32", note=f"{profile.quantization} needs CUDA; no GPU found, running fp32 on CPU")
 
 
+def describe(device: Device) -> str:
+    """"cuda:0 (NVIDIA H100 …)" or "cpu"."""
+    if device.name != "cuda":
+        return "cpu"
+    stats = gpu_stats()
+    return f"cuda:0 ({stats.name})" if stats else "cuda:0"
+
+
 def gpu_stats() -> Any | None:
     """GpuStats from NVML for GPU 0, or None without a GPU."""
     nvml = _nvml()

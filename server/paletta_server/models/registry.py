@@ -9,12 +9,11 @@ profile every source is ``<data-dir>/models/tiny/<key>``, built on first use.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from paletta_server.config import Config
+from paletta_server.engines.common import ModelSource
 from paletta_server.models.profiles import PROFILES, Profile
 
 
@@ -32,34 +31,6 @@ class ModelSpec:
     filename: str = ""
     # Rough resident size under NF4/bf16, used to make room before the first load.
     estimated_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model loads from right now."""
-
-    key: str
-    repo: str = ""
-    revision: str = ""
-    path: Path | None = None
-    filename: str = ""
-
-    @property
-    def local(self) -> bool:
-        return self.path is not None
-
-    def describe(self) -> str:
-        return str(self.path) if self.path else f"{self.repo}@{self.revision}"
-
-
-@dataclass(frozen=True)
-class LoadContext:
-    """What a loader gets besides its own source."""
-
-    profile: Profile
-    device: Any  # engines.common.Device
-    # Source of another registry key (e.g. the FLUX.1-dev base under a ControlNet); builds tiny ones.
-    source_of: Callable[[str], ModelSource]
 
 
 GB = 1024**3
