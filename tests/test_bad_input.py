@@ -119,3 +119,48 @@ async def test_server_keeps_serving_after_bad_input(server):
             await collect(stub.Generate(gen.GenerateRequest(prompt="")))
     events = await collect(stub.Generate(gen.GenerateRequest(**GOOD)))
     assert events[-1].finished.job.state == job_pb2.JOB_STATE_SUCCEEDED
+
+
+def png_with_broken_pixels() -> bytes:
+    """A PNG whose chunks all carry valid CRCs but whose IDAT is not a zlib stream."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"garbage" * 50) + chunk(b"IEND", b"")
+
+
+async def test_png_with_valid_crcs_but_broken_pixels_is_refused(server):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(server.channel, png_with_broken_pixels())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "data" in field_violations(err.value)
+
+
+async def test_corrupt_inline_image_names_the_field(server):
+    stub = gen_grpc.GenerateServiceStub(server.channel)
+    req = gen.GenerateRequest(**GOOD, image_prompt=image_pb2.ImagePrompt(
+        image=image_pb2.ImageRef(inline=png_with_broken_pixels())))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub.Generate(req))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image_prompt.image.inline" in field_violations(err.value)
+
+
+async def test_sixteen_bit_images_are_an_unsupported_mode(server):
+    buf = io.BytesIO()
+    Image.new("I;16", (32, 32), 40000).save(buf, format="PNG")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(server.channel, buf.getvalue())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "mode" in field_violations(err.value)["data"]
+
+
+async def test_unknown_priority(server):
+    stub = gen_grpc.GenerateServiceStub(server.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub.Generate(gen.GenerateRequest(**GOOD, priority=99)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority" in field_violations(err.value)
+

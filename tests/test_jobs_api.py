@@ -43,8 +43,9 @@ async def test_cancel_running_job_stops_at_next_step(server):
     assert finished.state == job_pb2.JOB_STATE_CANCELLED and not finished.outputs
     steps = [e.progress.step for e in rest if e.HasField("progress")]
     assert max(steps, default=0) < 100
-    assert error_details_pb2.ErrorInfo  # error carries the CANCELLED code
     assert finished.error.code == grpc.StatusCode.CANCELLED.value[0]
+    info = error_details_pb2.ErrorInfo()
+    assert finished.error.details[0].Unpack(info) and info.reason == "CANCELLED" and info.domain == "paletta"
     # The worker is free again.
     events = await collect(gen_stub.Generate(gen.GenerateRequest(**QUICK)))
     assert events[-1].finished.job.state == job_pb2.JOB_STATE_SUCCEEDED

@@ -90,13 +90,16 @@ def test_config_precedence(tmp_path):
     assert (config.port, config.profile, config.max_queue) == (7000, "quality", 3)
     with pytest.raises(ValueError, match="unknown profile"):
         load_config(tmp_path, env={}, profile="turbo")
+    with pytest.raises(ValueError, match="preview_every must be at least 1"):
+        load_config(tmp_path, env={}, preview_every=0)
 
 
-def test_fast_profile_without_cuda_falls_back_loudly():
-    from paletta_server.models.device import detect_device
+def test_fast_profile_without_cuda_falls_back_loudly(monkeypatch):
+    from paletta_server.models import device as device_module
     from paletta_server.models.profiles import PROFILES
 
-    device = detect_device(PROFILES["fast"])
+    monkeypatch.setattr(device_module, "_nvml", lambda: None)  # as on a machine without a GPU
+    device = device_module.detect_device(PROFILES["fast"])
     assert (device.name, device.quantization) == ("cpu", "fp32") and "nf4 needs CUDA" in device.note
 
 
@@ -114,3 +117,16 @@ def test_booting_the_server_imports_no_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_partial_files_of_a_crash_are_removed_on_start(tmp_path):
+    from paletta_server.storage import AssetStore
+
+    store = AssetStore(tmp_path, 1 << 20, 1 << 20)
+    kept = store.put_image(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (8, 8)))
+    (tmp_path / ".upload-abc").write_bytes(b"half an upload")
+    (tmp_path / kept.name[7:9] / ".tmp-xyz").write_bytes(b"half a write")
+    AssetStore(tmp_path, 1 << 20, 1 << 20)
+    assert not list(tmp_path.rglob(".upload-*")) and not list(tmp_path.rglob(".tmp-*"))
+    assert AssetStore(tmp_path, 1 << 20, 1 << 20).get(kept.name) == kept
+

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paletta.v1 import generate_service_pb2 as gen
@@ -77,10 +78,13 @@ async def test_kill_9_then_restart(tmp_path, tiny_models_dir):
         jobs = job_service_pb2_grpc.JobServiceStub(channel)
         interrupted = await jobs.GetJob(job_service_pb2.GetJobRequest(name=running_name))
         assert interrupted.state == job_pb2.JOB_STATE_FAILED
-        assert "INTERRUPTED" in interrupted.error.details[0].value.decode(errors="ignore")
+        assert interrupted.error.code == grpc.StatusCode.ABORTED.value[0]
+        info = error_details_pb2.ErrorInfo()
+        assert interrupted.error.details[0].Unpack(info) and info.reason == "INTERRUPTED"
         for name in queued_names:
             events = await collect(jobs.WatchJob(job_service_pb2.WatchJobRequest(job=name)))
             assert [e.seq for e in events] == list(range(1, len(events) + 1))
+            assert events[0].HasField("queued") and events[1].HasField("queued")  # before and after the restart
             assert events[-1].finished.job.state == job_pb2.JOB_STATE_SUCCEEDED
         assert await download(channel, kept_asset) == kept_bytes
         await channel.close()

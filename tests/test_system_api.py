@@ -126,3 +126,24 @@ async def test_error_reason_on_rpc_errors(server):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(gen_grpc.GenerateServiceStub(server.channel).Generate(gen.GenerateRequest(prompt="")))
     assert error_reason(err.value) == "INVALID_ARGUMENT"
+
+
+async def test_eviction_shows_in_job_events_and_status(server_factory):
+    # A budget smaller than two tiny models: loading the second evicts the first.
+    handle = await server_factory(cpu_memory_budget_bytes=1_000_000)
+    await collect(gen_grpc.GenerateServiceStub(handle.channel).Generate(gen.GenerateRequest(**QUICK)))
+    from paletta.v1 import inpaint_service_pb2, inpaint_service_pb2_grpc
+    from tests.helpers import png_bytes, upload
+
+    image = (await upload(handle.channel, png_bytes((64, 64)))).name
+    events = await collect(inpaint_service_pb2_grpc.InpaintServiceStub(handle.channel).Outpaint(
+        inpaint_service_pb2.OutpaintRequest(image={"asset": image}, left=16, steps=1, seed=1)))
+    stages = [(e.progress.stage, e.progress.model, e.progress.step) for e in events if e.HasField("progress")
+              and e.progress.stage in ("loading", "evicting")]
+    # Tiny models have no size estimate, so room is made once flux-fill's bytes are measured.
+    assert stages == [("loading", "flux-fill", 0), ("evicting", "flux-schnell", 0),
+                      ("evicting", "flux-schnell", 1), ("loading", "flux-fill", 1)]
+    status = await sys_grpc.SystemServiceStub(handle.channel).GetStatus(sys_pb.GetStatusRequest())
+    assert [m.key for m in status.loaded_models] == ["flux-fill"] and list(status.evicted_models) == ["flux-schnell"]
+    assert status.loading_model == "" and status.memory_budget_bytes == 1_000_000
+

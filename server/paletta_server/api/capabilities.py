@@ -15,12 +15,14 @@ from typing import Any
 
 import grpc
 
-from paletta.v1 import job_pb2
+from paletta.v1 import image_pb2, job_pb2
 from paletta_server.api.errors import abort
 from paletta_server.app import PalettaApp
-from paletta_server.errors import PalettaError
+from paletta_server.errors import PalettaError, invalid
 
 log = logging.getLogger(__name__)
+
+PRIORITIES = (image_pb2.PRIORITY_LOW, image_pb2.PRIORITY_NORMAL, image_pb2.PRIORITY_HIGH)
 
 # (proto module, service, rpc) -> capability name
 CAPABILITY_RPCS: dict[tuple[str, str, str], str] = {
@@ -48,28 +50,33 @@ async def submit_and_stream(app: PalettaApp, name: str, request: Any, context: g
     if capability is None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"capability {name!r} is not available in this build")
     manager = app.manager
-    job_id = None
+    created = False
     try:
-        if request.request_id:
-            existing = manager.store.by_request_id(request.request_id)
+        priority = request.priority or capability.default_priority
+        if priority not in PRIORITIES:
+            raise invalid("priority", f"unknown priority {priority}; use PRIORITY_LOW, _NORMAL or _HIGH")
+        job_id = None
+        if request.request_id:  # re-attach without validating again
+            existing = await asyncio.to_thread(manager.store.by_request_id, request.request_id)
             job_id = existing.id if existing is not None and existing.capability == name else None
         if job_id is None:
             prepared = await asyncio.to_thread(capability.prepare, request, app.prepare_context)
             models = capability.models(prepared, app.profile)
-            job_id, _ = manager.submit(
-                name, prepared, request.priority or capability.default_priority, request.request_id,
-                models[0] if models else "", request.cancel_on_disconnect,
+            job_id, created = await asyncio.to_thread(
+                manager.submit, name, prepared, priority, request.request_id, models[0] if models else "",
+                request.cancel_on_disconnect,
             )
     except PalettaError as exc:
         await abort(context, exc)
     try:
         async for event in manager.watch(job_id, 0):
             yield event
-    except asyncio.CancelledError:
-        # The client went away. Its job goes on unless the request asked otherwise.
-        if request.cancel_on_disconnect:
+    except (asyncio.CancelledError, GeneratorExit):
+        # The client went away. Its job goes on unless the call that created it asked otherwise
+        # (a call that re-attached by request_id never cancels someone else's job).
+        if created and request.cancel_on_disconnect:
             log.info("client left; cancelling jobs/%s as it asked", job_id)
-            manager.cancel(job_id)
+            await asyncio.shield(asyncio.to_thread(manager.cancel, job_id))
         raise
 
 

@@ -9,7 +9,7 @@ import grpc
 from paletta.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from paletta_server.api.errors import streaming, unary
 from paletta_server.app import PalettaApp
-from paletta_server.errors import NotFound, invalid
+from paletta_server.errors import invalid
 from paletta_server.jobs.events import STATE_NAMES
 
 PREFIX = "jobs/"
@@ -57,7 +57,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     @unary
     async def CancelJob(self, request: job_service_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
                         ) -> job_pb2.Job:
-        return self.manager.cancel(job_id(request.name, "name"))
+        return await asyncio.to_thread(self.manager.cancel, job_id(request.name, "name"))
 
     @unary
     async def ApproveOutput(self, request: job_service_pb2.ApproveOutputRequest,
@@ -78,5 +78,3 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             next_page_token=token,
         )
 
-
-__all__ = ["JobServicer", "NotFound"]

@@ -39,6 +39,7 @@ class SystemServicer(system_service_pb2_grpc.SystemServiceServicer):
             queue_length=app.manager.queue_length(),
             running_job=f"jobs/{app.manager.running}" if app.manager.running else "",
             max_edge=app.profile.max_inference_edge,
+            loading_model=app.residency.loading, evicted_models=list(app.residency.evicted),
         )
         gpu = gpu_stats() if device.name == "cuda" else None
         if gpu is not None:

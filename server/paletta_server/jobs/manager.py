@@ -50,6 +50,7 @@ class JobManager:
         self.is_resident = is_resident
         self._cv = threading.Condition()
         self._emit_lock = threading.Lock()
+        self._submit_lock = threading.Lock()
         self._live: dict[str, LiveLog] = {}
         self._cancel_requested: set[str] = set()
         self.running: str | None = None
@@ -74,26 +75,32 @@ class JobManager:
     # -- submit --------------------------------------------------------------------------
     def submit(self, capability: str, request: Any, priority: int, request_id: str, model_key: str,
                cancel_on_disconnect: bool) -> tuple[str, bool]:
-        """Queue a job; returns (job id, created). A known request_id returns the existing job."""
-        if request_id:
-            existing = self.store.by_request_id(request_id)
-            if existing is not None:
-                if existing.capability != capability:
-                    raise invalid("request_id", f"already used by a {existing.capability} job")
-                return existing.id, False
-        with self._cv:
-            if len(self.scheduler) >= self.max_queue:
-                raise ResourceExhausted(f"the queue is full ({self.max_queue} jobs); retry later",
-                                        reason="QUEUE_FULL", retry_after_s=5.0)
-        row = self.store.create(capability, request.SerializeToString(), priority, request_id, model_key,
-                                cancel_on_disconnect)
-        self._live[row.id] = LiveLog()
-        with self._cv:
-            self.scheduler.add(row.id, priority, model_key)
-            position = self.scheduler.position(row.id) + (1 if self.running else 0)
-            self._cv.notify()
-        self._emit(row.id, "queued", job_pb2.JobQueued(position=position))
-        return row.id, True
+        """Queue a job; returns (job id, created). A known request_id returns the existing job.
+
+        Blocking (SQLite): the api layer calls it in a thread. Submissions are serialised so a
+        request_id is checked and claimed atomically and the queue bound holds.
+        """
+        with self._submit_lock:
+            if request_id:
+                existing = self.store.by_request_id(request_id)
+                if existing is not None:
+                    if existing.capability != capability:
+                        raise invalid("request_id", f"already used by a {existing.capability} job")
+                    return existing.id, False
+            with self._cv:
+                if len(self.scheduler) >= self.max_queue:
+                    raise ResourceExhausted(f"the queue is full ({self.max_queue} jobs); retry later",
+                                            reason="QUEUE_FULL", retry_after_s=5.0)
+            row = self.store.create(capability, request.SerializeToString(), priority, request_id, model_key,
+                                    cancel_on_disconnect)
+            self._live[row.id] = LiveLog()
+            with self._cv:
+                self.scheduler.add(row.id, priority, model_key)
+                position = self.scheduler.position(row.id) + (1 if self.running else 0)
+                # Emitted before the worker can see the job, so `queued` always precedes `started`.
+                self._emit(row.id, "queued", job_pb2.JobQueued(position=position))
+                self._cv.notify()
+            return row.id, True
 
     # -- events --------------------------------------------------------------------------
     def _emit(self, job_id: str, kind: str, payload: Any) -> job_pb2.JobEvent:
@@ -178,16 +185,17 @@ class JobManager:
 
     # -- cancel & approve ----------------------------------------------------------------
     def cancel(self, job_id: str) -> job_pb2.Job:
+        """Cancel a queued job at once, a running one at its next check; a finished one is returned as is."""
         row = self.get_row(job_id)
-        if row.state == st.QUEUED:
-            with self._cv:
-                removed = self.scheduler.remove(job_id)
-            if removed:
-                self._finish(job_id, st.CANCELLED, ("CANCELLED", "CANCELLED", "cancelled while queued"))
-            else:  # picked by the worker a moment ago: it stops at its first check
+        finish_now = False
+        with self._cv:
+            if row.state == st.QUEUED and self.scheduler.remove(job_id):
+                finish_now = True
+            elif row.state in (st.QUEUED, st.RUNNING) and self.running == job_id:
+                # Running, or picked by the worker a moment ago: it stops at its next check.
                 self._cancel_requested.add(job_id)
-        elif row.state == st.RUNNING:
-            self._cancel_requested.add(job_id)
+        if finish_now:
+            self._finish(job_id, st.CANCELLED, ("CANCELLED", "CANCELLED", "cancelled while queued"))
         return self.job(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:

@@ -122,7 +122,10 @@ class DeviceWorker:
                 self.run_job(job_id)
             except Exception as exc:  # e.g. a job persisted by a build that had a capability this one lacks
                 log.exception("could not run job %s", job_id)
-                self.manager.finish(job_id, st.FAILED, ("INTERNAL", "ENGINE_ERROR", f"{type(exc).__name__}: {exc}"))
+                try:
+                    self.manager.finish(job_id, st.FAILED, ("INTERNAL", "ENGINE_ERROR", f"{type(exc).__name__}: {exc}"))
+                except Exception:  # the store itself failed: keep the worker alive for the next job
+                    log.exception("could not record the failure of job %s", job_id)
 
     def run_job(self, job_id: str) -> None:
         row = self.manager.get_row(job_id)
@@ -142,6 +145,8 @@ class DeviceWorker:
         except Exception as exc:  # a failing job must never take the worker down
             if type(exc).__name__ == "OutOfMemoryError":
                 outcome = (st.FAILED, ("RESOURCE_EXHAUSTED", "OUT_OF_MEMORY", str(exc)[:500]))
+                self.residency.pin(set())
+                self.residency.unload()  # start the next job from a clean device
             else:
                 log.exception("job %s failed", job_id)
                 outcome = (st.FAILED, ("INTERNAL", "ENGINE_ERROR", f"{type(exc).__name__}: {exc}"[:1000]))

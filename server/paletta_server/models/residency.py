@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +41,8 @@ class ResidencyManager:
         self._lock = threading.RLock()
         self._build_lock = threading.Lock()
         self.load_counts: Counter[str] = Counter()
+        self.loading = ""  # key being loaded now, for status
+        self.evicted: deque[str] = deque(maxlen=8)  # most recent first
 
     # -- queries -------------------------------------------------------------------------
     def is_resident(self, key: str) -> bool:
@@ -74,7 +76,11 @@ class ResidencyManager:
             self._evict_until(expected, listener, keep=key)
             if listener:
                 listener("loading", key, 0)
-            obj = self._load(key)
+            self.loading = key
+            try:
+                obj = self._load(key)
+            finally:
+                self.loading = ""
             from paletta_server.engines.common import measure_bytes
 
             size = measure_bytes(obj)
@@ -131,6 +137,7 @@ class ResidencyManager:
             if listener:
                 listener("evicting", victim, 0)
             self._drop(victim)
+            self.evicted.appendleft(victim)
             if listener:
                 listener("evicting", victim, 1)
 
