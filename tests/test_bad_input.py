@@ -164,3 +164,11 @@ async def test_unknown_priority(server):
         await collect(stub.Generate(gen.GenerateRequest(**GOOD, priority=99)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority" in field_violations(err.value)
 
+
+
+async def test_a_style_listed_twice_is_refused(server):
+    stub = gen_grpc.GenerateServiceStub(server.channel)
+    twice = [image_pb2.StyleSelection(name="tarot", weight=0.5), image_pb2.StyleSelection(name="tarot")]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub.Generate(gen.GenerateRequest(**GOOD, styles=twice)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "styles[1].name" in field_violations(err.value)

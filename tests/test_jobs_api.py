@@ -206,3 +206,13 @@ async def test_twenty_concurrent_clients(server):
         assert events[-1].finished.job.state == job_pb2.JOB_STATE_SUCCEEDED
         assert [e.output.seed for e in events if e.HasField("output")] == [i]
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_paging_is_stable_while_new_jobs_arrive(server):
+    gen_stub = gen_grpc.GenerateServiceStub(server.channel)
+    jobs = job_service_pb2_grpc.JobServiceStub(server.channel)
+    names = [(await collect(gen_stub.Generate(gen.GenerateRequest(**{**QUICK, "seed": i}))))[0].job for i in range(4)]
+    page1 = await jobs.ListJobs(job_service_pb2.ListJobsRequest(page_size=2))
+    await collect(gen_stub.Generate(gen.GenerateRequest(**{**QUICK, "seed": 99})))  # arrives between pages
+    page2 = await jobs.ListJobs(job_service_pb2.ListJobsRequest(page_size=2, page_token=page1.next_page_token))
+    assert [j.name for j in (*page1.jobs, *page2.jobs)] == names[::-1] and page2.next_page_token == ""

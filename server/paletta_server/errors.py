@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -81,20 +81,3 @@ class ModelUnavailable(FailedPrecondition):
 
 class JobCancelled(Exception):
     """Raised inside a running job (from a step callback) when its cancellation was requested."""
-
-
-class JobInterrupted(PalettaError):
-    """The server stopped while the job ran."""
-
-    code = "ABORTED"  # canonical gRPC code name
-    reason = "INTERRUPTED"
-
-
-@dataclass
-class ErrorRecord:
-    """A serialisable error as stored on a job: gRPC code name, message, reason, metadata."""
-
-    code: str
-    message: str
-    reason: str
-    metadata: dict[str, str] = field(default_factory=dict)

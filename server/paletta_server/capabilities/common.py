@@ -96,7 +96,11 @@ def check_styles(v: Violations, ctx: PrepareContext, styles: Any, allowed: bool,
     if not allowed:
         v.add("styles", f"style LoRAs are not supported by {mode}; remove them")
         return
+    seen: set[str] = set()
     for i, style in enumerate(styles):
+        if style.name in seen:
+            v.add(f"styles[{i}].name", f"style {style.name!r} is listed twice; give it once with one weight")
+        seen.add(style.name)
         if not ctx.styles.has(style.name):
             v.add(f"styles[{i}].name", f"unknown style {style.name!r}; see StyleService.ListStyles")
         if style.HasField("weight"):

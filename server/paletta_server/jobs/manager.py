@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from paletta.v1 import job_pb2
@@ -61,13 +62,13 @@ class JobManager:
         """After a restart: the interrupted job fails with INTERRUPTED; queued jobs queue again."""
         for row in self.store.in_state(st.RUNNING):
             self._live[row.id] = self._live_from_db(row.id)
-            self._finish(row.id, st.FAILED, ("ABORTED", "INTERRUPTED",
+            self.finish(row.id, st.FAILED, ("ABORTED", "INTERRUPTED",
                                               "the server stopped while this job was running"))
         for row in self.store.in_state(st.QUEUED):
             self._live[row.id] = self._live_from_db(row.id)
             with self._cv:
                 self.scheduler.add(row.id, row.priority, row.model_key)
-            self._emit(row.id, "queued", job_pb2.JobQueued(position=self.scheduler.position(row.id)))
+            self.emit(row.id, "queued", job_pb2.JobQueued(position=self.scheduler.position(row.id)))
 
     def _live_from_db(self, job_id: str) -> LiveLog:
         return LiveLog([_parse(d) for d in self.store.events_after(job_id, 0)])
@@ -98,12 +99,12 @@ class JobManager:
                 self.scheduler.add(row.id, priority, model_key)
                 position = self.scheduler.position(row.id) + (1 if self.running else 0)
                 # Emitted before the worker can see the job, so `queued` always precedes `started`.
-                self._emit(row.id, "queued", job_pb2.JobQueued(position=position))
+                self.emit(row.id, "queued", job_pb2.JobQueued(position=position))
                 self._cv.notify()
             return row.id, True
 
     # -- events --------------------------------------------------------------------------
-    def _emit(self, job_id: str, kind: str, payload: Any) -> job_pb2.JobEvent:
+    def emit(self, job_id: str, kind: str, payload: Any) -> job_pb2.JobEvent:
         """Persist then publish one event; callable from any thread."""
         name = job_name(job_id)
         holder: dict[str, job_pb2.JobEvent] = {}
@@ -175,10 +176,12 @@ class JobManager:
 
     def list_jobs(self, states: list[str], capability: str, page_size: int, page_token: str
                   ) -> tuple[list[job_pb2.Job], str]:
-        offset = _decode_token(page_token)
-        rows = self.store.list(states, capability, offset, page_size + 1)
+        # Keyset paging (after the last job of the previous page): new jobs never shift a page.
+        after = _decode_token(page_token, "k") if page_token else None
+        rows = self.store.list(states, capability, after, page_size + 1)
         jobs = [job_message(r, self.store.outputs(r.id)) for r in rows[:page_size]]
-        return jobs, (_encode_token(offset + page_size) if len(rows) > page_size else "")
+        last = rows[page_size - 1] if len(rows) > page_size else None
+        return jobs, (_encode_token("k", f"{last.created.isoformat()}|{last.id}") if last else "")
 
     def queue_length(self) -> int:
         return len(self.scheduler)
@@ -195,7 +198,7 @@ class JobManager:
                 # Running, or picked by the worker a moment ago: it stops at its next check.
                 self._cancel_requested.add(job_id)
         if finish_now:
-            self._finish(job_id, st.CANCELLED, ("CANCELLED", "CANCELLED", "cancelled while queued"))
+            self.finish(job_id, st.CANCELLED, ("CANCELLED", "CANCELLED", "cancelled while queued"))
         return self.job(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -212,14 +215,14 @@ class JobManager:
 
     def approved_outputs(self, page_size: int, page_token: str
                          ) -> tuple[list[tuple[st.JobRow, job_pb2.JobOutput]], str]:
-        offset = _decode_token(page_token)
+        offset = int(_decode_token(page_token, "o")) if page_token else 0
         rows = self.store.approved(offset, page_size + 1)
         result = []
         for job_row, out_row in rows[:page_size]:
             output = job_pb2.JobOutput.FromString(out_row.data)
             output.approved = True
             result.append((job_row, output))
-        return result, (_encode_token(offset + page_size) if len(rows) > page_size else "")
+        return result, (_encode_token("o", str(offset + page_size)) if len(rows) > page_size else "")
 
     # -- lifecycle used by the worker ----------------------------------------------------
     def next_job(self, stop: threading.Event, timeout: float = 0.5) -> str | None:
@@ -234,25 +237,19 @@ class JobManager:
 
     def start(self, job_id: str) -> None:
         self.store.set_state(job_id, st.RUNNING)
-        self._emit(job_id, "started", job_pb2.JobStarted())
-
-    def emit(self, job_id: str, kind: str, payload: Any) -> None:
-        self._emit(job_id, kind, payload)
+        self.emit(job_id, "started", job_pb2.JobStarted())
 
     def add_output(self, job_id: str, output: job_pb2.JobOutput) -> None:
         self.store.add_output(job_id, output.index, output.SerializeToString())
-        self._emit(job_id, "output", output)
+        self.emit(job_id, "output", output)
 
-    def _finish(self, job_id: str, state: str, error: tuple[str, str, str] | None = None) -> None:
+    def finish(self, job_id: str, state: str, error: tuple[str, str, str] | None = None) -> None:
         row = self.store.set_state(job_id, state, error=error)
         self._cancel_requested.discard(job_id)
-        self._emit(job_id, "finished", job_pb2.JobFinished(job=job_message(row, self.store.outputs(job_id))))
+        self.emit(job_id, "finished", job_pb2.JobFinished(job=job_message(row, self.store.outputs(job_id))))
         if self.running == job_id:
             self.running = None
         self._forget_later(job_id)
-
-    def finish(self, job_id: str, state: str, error: tuple[str, str, str] | None = None) -> None:
-        self._finish(job_id, state, error)
 
     def _forget_later(self, job_id: str, delay: float = 30.0) -> None:
         """Drop a finished live log after a while; later watchers replay from the database."""
@@ -269,17 +266,20 @@ def _parse(data: bytes) -> job_pb2.JobEvent:
     return job_pb2.JobEvent.FromString(data)
 
 
-def _encode_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+def _encode_token(kind: str, value: str) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode()
 
 
-def _decode_token(token: str) -> int:
-    if not token:
-        return 0
+def _decode_token(token: str, kind: str) -> str:
     try:
-        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind != "o" or int(value) < 0:
+        found, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if found != kind or not value or (kind == "o" and not value.isdigit()):
             raise ValueError
-        return int(value)
+        if kind == "k":
+            created, _, job_id = value.partition("|")
+            datetime.fromisoformat(created)
+            if not job_id.isalnum():
+                raise ValueError
+        return value
     except (ValueError, UnicodeDecodeError) as exc:
-        raise invalid("page_token", "not a token returned by this server") from exc
+        raise invalid("page_token", "not a token returned by this server for this list") from exc

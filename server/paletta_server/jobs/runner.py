@@ -28,6 +28,8 @@ from paletta_server.storage import AssetInfo, AssetStore
 
 log = logging.getLogger(__name__)
 PREVIEW_EDGE = 256
+# typed result message → its field in JobOutput's `result` oneof
+RESULT_FIELDS = {f.message_type.full_name: f.name for f in job_pb2.JobOutput.DESCRIPTOR.oneofs_by_name["result"].fields}
 
 
 class JobContext:
@@ -83,9 +85,7 @@ class JobContext:
                                                   height=info.height, size_bytes=info.size_bytes))
         output.parameters = json.dumps(parameters, sort_keys=True)
         if result is not None:
-            field = {"Detections": "detections", "Caption": "caption", "PromptExpansion": "expansion",
-                     "Segmentation": "segmentation"}[type(result).__name__]
-            getattr(output, field).CopyFrom(result)
+            getattr(output, RESULT_FIELDS[result.DESCRIPTOR.full_name]).CopyFrom(result)
         self._manager.add_output(self.job_id, output)
         self._outputs += 1
         return info

@@ -19,10 +19,12 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    and_,
     create_engine,
     event,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -123,14 +125,19 @@ class JobStore:
         with self.session() as s:
             return s.scalars(select(JobRow).where(JobRow.request_id == request_id)).first()
 
-    def list(self, states: list[str], capability: str, offset: int, limit: int) -> list[JobRow]:
+    def list(self, states: list[str], capability: str, after: str | None, limit: int) -> list[JobRow]:
+        """Newest first; ``after`` is "created-iso|id" of the last job of the previous page."""
         query = select(JobRow).order_by(JobRow.created.desc(), JobRow.id.desc())
         if states:
             query = query.where(JobRow.state.in_(states))
         if capability:
             query = query.where(JobRow.capability == capability)
+        if after:
+            created_text, _, job_id = after.partition("|")
+            created = datetime.fromisoformat(created_text)
+            query = query.where(or_(JobRow.created < created, and_(JobRow.created == created, JobRow.id < job_id)))
         with self.session() as s:
-            return list(s.scalars(query.offset(offset).limit(limit)))
+            return list(s.scalars(query.limit(limit)))
 
     def in_state(self, state: str) -> list[JobRow]:
         with self.session() as s:
