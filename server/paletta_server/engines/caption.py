@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL import Image
 
-from paletta_server.engines.segment import pretrained_location
+from paletta_server.engines.common import pretrained_location
 
 DEEP_PROMPT = (
     "Question: Describe this image in detail: the subjects, where they are and what surrounds them. Answer:"

@@ -64,6 +64,13 @@ class LoadContext:
     source_of: Callable[[str], ModelSource]
 
 
+def pretrained_location(source: ModelSource) -> tuple[str, dict[str, Any]]:
+    """(folder or repo id, from_pretrained kwargs) for a registry source: local files only, or a revision."""
+    if source.local:
+        return str(source.path), {"local_files_only": True}
+    return source.repo, {"revision": source.revision or None}
+
+
 def import_object(dotted: str) -> Any:
     """Resolve "package.module:attribute"."""
     module, _, attr = dotted.partition(":")

@@ -16,7 +16,7 @@ from typing import Any
 
 from paletta.v1 import control_service_pb2 as pb
 from paletta_server.engines import flux
-from paletta_server.engines.common import LoadContext, ModelSource, ProgressSink
+from paletta_server.engines.common import LoadContext, ModelSource, ProgressSink, pretrained_location
 
 CONTROL_MODES: dict[int, int] = {pb.CONTROL_TYPE_CANNY: 0, pb.CONTROL_TYPE_DEPTH: 2, pb.CONTROL_TYPE_POSE: 4}
 CONTROL_NAMES: dict[int, str] = {pb.CONTROL_TYPE_CANNY: "canny", pb.CONTROL_TYPE_DEPTH: "depth",
@@ -34,12 +34,8 @@ def load_control(source: ModelSource, lc: LoadContext) -> Any:
     """FluxControlNetPipeline = FLUX.1-dev (NF4 on CUDA under fast/hyper) + the Union-Pro ControlNet."""
     from diffusers import FluxControlNetModel, FluxControlNetPipeline
 
-    kwargs: dict[str, Any] = {"dtype": lc.device.dtype}
-    if source.local:
-        kwargs["local_files_only"] = True
-    else:
-        kwargs["revision"] = source.revision
-    controlnet = FluxControlNetModel.from_pretrained(str(source.path) if source.local else source.repo, **kwargs)
+    where, kwargs = pretrained_location(source)
+    controlnet = FluxControlNetModel.from_pretrained(where, dtype=lc.device.dtype, **kwargs)
     return flux.load_pipeline(FluxControlNetPipeline, lc.source_of("flux-dev"), lc, controlnet=controlnet)
 
 

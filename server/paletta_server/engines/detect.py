@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from paletta_server.engines.segment import pretrained_location
+from paletta_server.engines.common import pretrained_location
 
 
 @dataclass

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta_server.engines.common import LoadContext, ModelSource, ProgressSink, step_callback
+from paletta_server.engines.common import LoadContext, ModelSource, ProgressSink, pretrained_location, step_callback
 
 NF4_COMPONENTS = ["transformer", "text_encoder_2"]
 
 
 def pretrained_kwargs(source: ModelSource, lc: LoadContext, quantize: list[str] | None = None) -> dict[str, Any]:
     """from_pretrained arguments for a registry source: local folder or repo@revision, dtype, NF4."""
-    kwargs: dict[str, Any] = {"dtype": lc.device.dtype}
-    if source.local:
-        kwargs["local_files_only"] = True
-    else:
-        kwargs["revision"] = source.revision
+    kwargs: dict[str, Any] = {"dtype": lc.device.dtype, **pretrained_location(source)[1]}
     if lc.device.quantization == "nf4" and lc.device.name == "cuda":
         import torch
         from diffusers.quantizers import PipelineQuantizationConfig
@@ -30,10 +26,10 @@ def pretrained_kwargs(source: ModelSource, lc: LoadContext, quantize: list[str] 
     return kwargs
 
 
-def load_pipeline(cls: Any, source: ModelSource, lc: LoadContext, **extra: Any) -> Any:
+def load_pipeline(cls: Any, source: ModelSource, lc: LoadContext, quantize: list[str] | None = None,
+                  **extra: Any) -> Any:
     """Load a diffusers pipeline class from a source and move it to the device."""
-    location = str(source.path) if source.local else source.repo
-    pipe = cls.from_pretrained(location, **pretrained_kwargs(source, lc), **extra)
+    pipe = cls.from_pretrained(pretrained_location(source)[0], **pretrained_kwargs(source, lc, quantize), **extra)
     pipe.to(lc.device.name)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paletta_server.engines.common import LoadContext, ModelSource
+from paletta_server.engines.common import LoadContext, ModelSource, pretrained_location
 from paletta_server.errors import ModelUnavailable
 
 DEFAULT_WEIGHT = 0.7
@@ -126,13 +126,9 @@ def load_image_encoder(source: ModelSource, lc: LoadContext) -> Any:
     """Registry loader for ``clip-vit-large``: CLIPVisionModelWithProjection (image embeddings)."""
     from transformers import CLIPVisionModelWithProjection
 
-    location = str(source.path) if source.local else source.repo
-    kwargs: dict[str, Any] = {"dtype": lc.device.dtype}
-    if source.local:
-        kwargs["local_files_only"] = True
-    else:
-        kwargs["revision"] = source.revision
-    return CLIPVisionModelWithProjection.from_pretrained(location, **kwargs).to(lc.device.name).eval()
+    where, kwargs = pretrained_location(source)
+    encoder = CLIPVisionModelWithProjection.from_pretrained(where, dtype=lc.device.dtype, **kwargs)
+    return encoder.to(lc.device.name).eval()
 
 
 def _attach(pipe: Any, weights: IPAdapterWeights, encoder: Any) -> None:

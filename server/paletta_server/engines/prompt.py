@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from paletta_server.engines.caption import cancel_criteria
-from paletta_server.engines.segment import pretrained_location
+from paletta_server.engines.common import pretrained_location
 
 SYSTEM_PROMPT = (
     "You rewrite short image prompts for the FLUX text-to-image model. Expand the user's prompt into one "

@@ -25,12 +25,7 @@ def load_qwen_edit(source: ModelSource, lc: LoadContext) -> Any:
     """QwenImageEditPipeline; under NF4 (CUDA) the 20B transformer and the Qwen2.5-VL encoder are 4-bit."""
     from diffusers import QwenImageEditPipeline
 
-    location = str(source.path) if source.local else source.repo
-    kwargs = flux.pretrained_kwargs(source, lc, quantize=["transformer", "text_encoder"])
-    pipe = QwenImageEditPipeline.from_pretrained(location, **kwargs)
-    pipe.to(lc.device.name)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return flux.load_pipeline(QwenImageEditPipeline, source, lc, quantize=["transformer", "text_encoder"])
 
 
 class QwenLatentPreview:

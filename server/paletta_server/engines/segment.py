@@ -12,18 +12,13 @@ from typing import Any
 
 from PIL import Image, ImageFilter
 
+from paletta_server.engines.common import pretrained_location
+
 
 @dataclass
 class ClipSeg:
     model: Any
     processor: Any
-
-
-def pretrained_location(source: Any) -> tuple[str, dict]:
-    """(path or repo id, from_pretrained kwargs) for a registry source."""
-    if source.path is not None:
-        return str(source.path), {"local_files_only": True}
-    return source.repo, {"revision": source.revision or None}
 
 
 def load_clipseg(source: Any, lc: Any) -> ClipSeg:
