@@ -80,9 +80,15 @@ async def test_watch_replays_missed_events_then_follows(server):
         assert [e.seq for e in events] == list(range(seq + 1, seq + 1 + len(events)))
         assert events[-1].finished.job.state == job_pb2.JOB_STATE_SUCCEEDED
     assert [e.seq for e in results[3]] == list(range(1, results[3][-1].seq + 1))
-    # After the job finished, a watch replays from the store and ends.
+    # After the job finished, a watch replays the same events and ends.
     late = await collect(jobs.WatchJob(job_service_pb2.WatchJobRequest(job=name, after_seq=seq)))
     assert [e.SerializeToString() for e in late] == [e.SerializeToString() for e in results[0]]
+    # The stored log keeps every event but drops previews' pixels once the job is over.
+    stored = [job_pb2.JobEvent.FromString(d) for d in server.app.store.events_after(name[5:], 0)]
+    assert [e.seq for e in stored] == [e.seq for e in results[3]]
+    previews = [e for e in stored if e.HasField("preview")]
+    assert previews and all(not e.preview.jpeg and e.preview.step for e in previews)
+    assert any(e.preview.jpeg for e in results[3] if e.HasField("preview"))
 
 
 async def test_disconnect_does_not_cancel_unless_asked(server):

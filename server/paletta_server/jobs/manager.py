@@ -247,6 +247,10 @@ class JobManager:
         row = self.store.set_state(job_id, state, error=error)
         self._cancel_requested.discard(job_id)
         self.emit(job_id, "finished", job_pb2.JobFinished(job=job_message(row, self.store.outputs(job_id))))
+        # Previews only matter while a job runs: their pixels are dropped from the stored log so it
+        # stays small (the events and their seqs stay). Watchers in the next 30 s still replay from
+        # memory, with pixels; later ones from the store, without.
+        self.store.strip_previews(job_id, _without_jpeg)
         if self.running == job_id:
             self.running = None
         self._forget_later(job_id)
@@ -260,6 +264,12 @@ class JobManager:
     def wake_worker(self) -> None:
         with self._cv:
             self._cv.notify_all()
+
+
+def _without_jpeg(data: bytes) -> bytes:
+    event = job_pb2.JobEvent.FromString(data)
+    event.preview.ClearField("jpeg")
+    return event.SerializeToString()
 
 
 def _parse(data: bytes) -> job_pb2.JobEvent:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -173,6 +174,17 @@ class JobStore:
             data = build(seq)
             conn.execute(insert(events).values(job_id=job_id, seq=seq, kind=kind, data=data))
             return seq, data
+
+    def strip_previews(self, job_id: str, strip: Callable[[bytes], bytes]) -> int:
+        """Rewrite a finished job's preview events with ``strip`` (drops their pixels); returns how many."""
+        events = EventRow.__table__
+        with self._lock, self.engine.begin() as conn:
+            rows = conn.execute(select(events.c.seq, events.c.data).where(
+                events.c.job_id == job_id, events.c.kind == "preview")).all()
+            for seq, data in rows:
+                conn.execute(update(events).where(events.c.job_id == job_id, events.c.seq == seq)
+                             .values(data=strip(data)))
+            return len(rows)
 
     def events_after(self, job_id: str, after_seq: int) -> list[bytes]:
         with self.session() as s:
