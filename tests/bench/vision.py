@@ -245,13 +245,7 @@ def report(folder: Path) -> None:
     for edge, peak in upscale_peak_memory(folder):
         print(f"  {edge}x{edge} -> {4 * edge}x{4 * edge}: {peak / 2**20:8.1f} MiB", flush=True)
     direct = direct_times(folder)
-    try:
-        remote = grpc_times(folder)
-    except RuntimeError:  # called from inside a running event loop
-        import concurrent.futures
-
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            remote = pool.submit(grpc_times, folder).result()
+    remote = grpc_times(folder)
     w, h = IMAGE_SIZE
     print(f"Capabilities on a {w}x{h} image, tiny models, median of {RUNS}: gRPC / direct  (target <= 1.10)")
     for name, seconds in direct.items():
