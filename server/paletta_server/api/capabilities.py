@@ -55,17 +55,7 @@ async def submit_and_stream(app: PalettaApp, name: str, request: Any, context: g
         priority = request.priority or capability.default_priority
         if priority not in PRIORITIES:
             raise invalid("priority", f"unknown priority {priority}; use PRIORITY_LOW, _NORMAL or _HIGH")
-        job_id = None
-        if request.request_id:  # re-attach without validating again
-            existing = await asyncio.to_thread(manager.store.by_request_id, request.request_id)
-            job_id = existing.id if existing is not None and existing.capability == name else None
-        if job_id is None:
-            prepared = await asyncio.to_thread(capability.prepare, request, app.prepare_context)
-            models = capability.models(prepared, app.profile)
-            job_id, created = await asyncio.to_thread(
-                manager.submit, name, prepared, priority, request.request_id, models[0] if models else "",
-                request.cancel_on_disconnect,
-            )
+        job_id, created = await asyncio.to_thread(_queue, app, name, capability, request, priority)
     except PalettaError as exc:
         await abort(context, exc)
     try:
@@ -78,6 +68,19 @@ async def submit_and_stream(app: PalettaApp, name: str, request: Any, context: g
             log.info("client left; cancelling jobs/%s as it asked", job_id)
             await asyncio.shield(asyncio.to_thread(manager.cancel, job_id))
         raise
+
+
+def _queue(app: PalettaApp, name: str, capability: Any, request: Any, priority: int) -> tuple[str, bool]:
+    """Validate and queue (in one worker thread hop); a known request_id re-attaches without validating."""
+    manager = app.manager
+    if request.request_id:
+        existing = manager.store.by_request_id(request.request_id)
+        if existing is not None and existing.capability == name:
+            return existing.id, False
+    prepared = capability.prepare(request, app.prepare_context)
+    models = capability.models(prepared, app.profile)
+    return manager.submit(name, prepared, priority, request.request_id, models[0] if models else "",
+                          request.cancel_on_disconnect)
 
 
 def _servicer_class(module: str, service: str, rpcs: dict[str, str], app: PalettaApp) -> Any:

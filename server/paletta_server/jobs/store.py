@@ -145,18 +145,19 @@ class JobStore:
             return list(s.scalars(select(JobRow).where(JobRow.state == state).order_by(JobRow.created)))
 
     def set_state(self, job_id: str, state: str, *, error: tuple[str, str, str] | None = None) -> JobRow:
-        with self._lock, self.session() as s:
-            row = s.get(JobRow, job_id)
-            assert row is not None
-            row.state = state
-            if state == RUNNING:
-                row.started = now()
-            if state in FINAL:
-                row.ended = now()
-            if error:
-                row.error_code, row.error_reason, row.error_message = error
-            s.commit()
-            return row
+        values: dict = {"state": state}
+        if state == RUNNING:
+            values["started"] = now()
+        if state in FINAL:
+            values["ended"] = now()
+        if error:
+            values["error_code"], values["error_reason"], values["error_message"] = error
+        jobs = JobRow.__table__
+        with self._lock, self.engine.begin() as conn:  # Core: on every job's path, twice
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+        row = self.get(job_id)
+        assert row is not None
+        return row
 
     # -- events --------------------------------------------------------------------------
     def append_event(self, job_id: str, kind: str, build) -> tuple[int, bytes]:
@@ -194,9 +195,9 @@ class JobStore:
 
     # -- outputs -------------------------------------------------------------------------
     def add_output(self, job_id: str, index: int, data: bytes) -> None:
-        with self._lock, self.session() as s:
-            s.merge(OutputRow(job_id=job_id, index=index, data=data))
-            s.commit()
+        outputs = OutputRow.__table__
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(insert(outputs).values(job_id=job_id, index=index, data=data, approved=False))
 
     def outputs(self, job_id: str) -> list[OutputRow]:
         with self.session() as s:
