@@ -51,6 +51,7 @@ class FakeClient:
     def __init__(self) -> None:
         self.generated: list[tuple[str, dict]] = []
         self.approved: list[tuple[str, int]] = []
+        self.pipelines: list[list] = []
 
     async def status(self) -> system_service_pb2.GetStatusResponse:
         return system_service_pb2.GetStatusResponse(
@@ -64,6 +65,12 @@ class FakeClient:
 
     async def generate(self, prompt: str, **kwargs) -> FakeJob:
         self.generated.append((prompt, kwargs))
+        return FakeJob(_events())
+
+    async def pipeline(self, script: str, **kwargs) -> FakeJob:
+        from paletta.pipeline import parse
+
+        self.pipelines.append(parse(script))
         return FakeJob(_events())
 
     async def download(self, name: str) -> bytes:
@@ -119,3 +126,20 @@ async def test_page_generates_shows_output_and_approves(tmp_path, monkeypatch):
     assert fake.generated[0][0] == "a knight"
     assert fake.generated[0][1]["width"] == 1024 and fake.generated[0][1]["seed"] is None
     assert fake.approved == [(JOB, 0)]
+
+
+async def test_pipeline_mode_sends_the_script_as_steps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake = FakeClient()
+    async with user_simulation(root=make_root(lambda: fake)) as user:
+        await user.open("/")
+        user.find("Prompt").type("[generate|tarot] a knight\n[auto_mask] the knight\n[inpaint] armor")
+        user.find("Pipeline mode (one step per line)").click()
+        user.find("Generate").click()
+        await user.should_see(f"{JOB}: succeeded")
+        user.find("Prompt").clear().type("[paint] a cat")
+        user.find("Generate").click()
+        await user.should_see("line 1: unknown mode 'paint'")
+    assert not fake.generated
+    assert [[s.WhichOneof("step") for s in steps] for steps in fake.pipelines] == [["generate", "auto_mask", "inpaint"]]
+

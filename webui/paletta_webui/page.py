@@ -1,4 +1,5 @@
-"""The page: prompt, generate, live progress and preview, gallery with approve, status panel."""
+"""The page: prompt (or a pipeline script), generate, live progress and preview, gallery with
+approve, status panel."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ class Workstation:
         with ui.row().classes("w-full items-start no-wrap"):
             with ui.column().classes("w-1/3"):
                 self.prompt = ui.textarea("Prompt", placeholder="a knight in a misty forest").classes("w-full")
+                # The seed's pipeline mode: each line is a step, "[mode|style] text" (see paletta.pipeline).
+                self.pipeline_mode = ui.switch("Pipeline mode (one step per line)")
                 with ui.row():
                     self.width = ui.number("Width", value=1024, step=16, min=16).classes("w-24")
                     self.height = ui.number("Height", value=1024, step=16, min=16).classes("w-24")
@@ -67,14 +70,17 @@ class Workstation:
         self.progress.value = 0
         self.preview.set_source("")
         try:
-            job = await self.client.generate(
-                prompt,
-                width=self._int(self.width),
-                height=self._int(self.height),
-                steps=self._int(self.steps),
-                seed=None if self.seed.value in (None, "") else int(self.seed.value),
-                variants=self._int(self.variants, 1),
-            )
+            if self.pipeline_mode.value:
+                job = await self.client.pipeline(prompt)
+            else:
+                job = await self.client.generate(
+                    prompt,
+                    width=self._int(self.width),
+                    height=self._int(self.height),
+                    steps=self._int(self.steps),
+                    seed=None if self.seed.value in (None, "") else int(self.seed.value),
+                    variants=self._int(self.variants, 1),
+                )
             async for event in job:
                 state.apply(event)
                 self.progress.value = state.progress
@@ -90,7 +96,7 @@ class Workstation:
                 "; ".join(f"{v.field}: {v.description}" for v in err.field_violations) or str(err),
                 type="negative",
             )
-        except paletta.PalettaError as err:
+        except (paletta.PalettaError, ValueError) as err:  # ValueError: a mistake in a pipeline script
             ui.notify(str(err), type="negative")
         finally:
             self.button.enable()
