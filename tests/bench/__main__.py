@@ -37,20 +37,11 @@ from paletta.v1 import generate_service_pb2 as gen  # noqa: E402
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc  # noqa: E402
 from paletta_server.config import load_config  # noqa: E402
 from paletta_server.server import PalettaServer  # noqa: E402
+from tests.bench import NullSink  # noqa: E402
 from tests.helpers import collect, download, upload  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-class NullSink:
-    def progress(self, step, total, stage):
-        pass
-
-    def preview(self, image, step):
-        pass
-
-    def check_cancelled(self):
-        pass
 
 
 async def generate_ratio_and_latency(server: PalettaServer, channel, size: int, steps: int, runs: int):

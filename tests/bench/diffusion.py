@@ -46,19 +46,10 @@ from paletta.v1 import inpaint_service_pb2 as inp  # noqa: E402
 from paletta.v1 import inpaint_service_pb2_grpc as inp_grpc  # noqa: E402
 from paletta.v1 import qwen_edit_service_pb2 as qwen_pb  # noqa: E402
 from paletta.v1 import qwen_edit_service_pb2_grpc as qwen_grpc  # noqa: E402
+from tests.bench import NullSink  # noqa: E402
 
 STYLES = ("realism", "koda", "tarot", "ghibsky", "anime")
 
-
-class NullSink:
-    def progress(self, step, total, stage):
-        pass
-
-    def preview(self, image, step):
-        pass
-
-    def check_cancelled(self):
-        pass
 
 
 def _picture(size: tuple[int, int]) -> Image.Image:
