@@ -264,3 +264,12 @@ def decode_image(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+
+
+def human_bytes(n: int) -> str:
+    """Bytes for people: 512 B, 3.4 MiB, 12.50 GiB."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024**3:
+        return f"{n / 1024**2:.1f} MiB"
+    return f"{n / 1024**3:.2f} GiB"

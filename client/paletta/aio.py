@@ -323,21 +323,8 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
 
             running = await client.list_jobs(states=["running"])
         """
-        out: list[job_pb2.Job] = []
-        token = ""
-        state_values = [c.job_state(s) for s in states]
-        while True:
-            request = job_service_pb2.ListJobsRequest(
-                page_size=min(limit or 0, 1000), page_token=token, states=state_values, capability=capability
-            )
-            page = await self._unary("JobService", "ListJobs", request)
-            for job in page.jobs:
-                out.append(job)
-                if limit is not None and len(out) >= limit:
-                    return out
-            token = page.next_page_token
-            if not token:
-                return out
+        request = job_service_pb2.ListJobsRequest(states=[c.job_state(s) for s in states], capability=capability)
+        return await self._collect_pages("ListJobs", request, "jobs", limit)
 
     async def cancel_job(self, name: str | job_pb2.Job) -> job_pb2.Job:
         """Cancel a queued job at once or a running one at its next step."""
@@ -357,18 +344,22 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
 
     async def list_approved(self, limit: int | None = 50) -> list[job_service_pb2.ApprovedOutput]:
         """Approved outputs, newest job first."""
-        out: list[job_service_pb2.ApprovedOutput] = []
-        token = ""
+        request = job_service_pb2.ListApprovedOutputsRequest()
+        return await self._collect_pages("ListApprovedOutputs", request, "outputs", limit)
+
+    async def _collect_pages(self, method: str, request: Any, field: str, limit: int | None) -> list[Any]:
+        """The ``field`` items of a paged JobService list call, up to ``limit`` (None: all)."""
+        out: list[Any] = []
+        request.page_size = min(limit or 0, 1000)
         while True:
-            request = job_service_pb2.ListApprovedOutputsRequest(page_size=min(limit or 0, 1000), page_token=token)
-            page = await self._unary("JobService", "ListApprovedOutputs", request)
-            for item in page.outputs:
+            page = await self._unary("JobService", method, request)
+            for item in getattr(page, field):
                 out.append(item)
                 if limit is not None and len(out) >= limit:
                     return out
-            token = page.next_page_token
-            if not token:
+            if not page.next_page_token:
                 return out
+            request.page_token = page.next_page_token
 
     # -- assets -----------------------------------------------------------------------------
 

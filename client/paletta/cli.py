@@ -295,30 +295,21 @@ def cmd_jobs_approve(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _gib(n: int) -> str:
-    """Bytes for people: 512 B, 3.4 MiB, 12.50 GiB."""
-    if n < 1024:
-        return f"{n} B"
-    if n < 1024**3:
-        return f"{n / 1024**2:.1f} MiB"
-    return f"{n / 1024**3:.2f} GiB"
-
-
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
     s = client.status()
     print(f"server:       {args.address} (version {s.version})")
     print(f"device:       {s.device}")
     print(f"profile:      {s.profile} ({s.quantization}), max edge {s.max_edge}")
-    print(f"memory:       {_gib(s.memory_used_bytes)} of {_gib(s.memory_budget_bytes)} budget")
+    print(f"memory:       {c.human_bytes(s.memory_used_bytes)} of {c.human_bytes(s.memory_budget_bytes)} budget")
     print(f"queue:        {s.queue_length} waiting" + (f", running {s.running_job}" if s.running_job else ""))
     if s.HasField("gpu"):
         g = s.gpu
         print(
-            f"gpu:          {g.name}: {_gib(g.memory_used_bytes)} / {_gib(g.memory_total_bytes)}, "
+            f"gpu:          {g.name}: {c.human_bytes(g.memory_used_bytes)} / {c.human_bytes(g.memory_total_bytes)}, "
             f"{g.utilization_percent}%, {g.power_watts:.0f} W, {g.temperature_celsius} °C"
         )
     for m in s.loaded_models:
-        print(f"loaded:       {m.key} {_gib(m.bytes)}")
+        print(f"loaded:       {m.key} {c.human_bytes(m.bytes)}")
     return EXIT_OK
 
 
@@ -332,7 +323,7 @@ def cmd_styles(client: Client, args: argparse.Namespace) -> int:
 def cmd_models(client: Client, args: argparse.Namespace) -> int:
     for m in client.list_models():
         where = f"{m.source}@{m.revision}" if m.revision else m.source
-        state = f"resident {_gib(m.bytes)}" if m.resident else "-"
+        state = f"resident {c.human_bytes(m.bytes)}" if m.resident else "-"
         print(f"{m.key:<24} {','.join(m.capabilities):<24} {state:<18} {where} (${m.env_var})")
     return EXIT_OK
 

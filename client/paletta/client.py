@@ -407,12 +407,8 @@ class Client(Capabilities[JobHandle]):
             for job in client.list_jobs(states=["running", "queued"]):
                 print(job.name, job.capability)
         """
-        out: list[job_pb2.Job] = []
-        for job in self.iter_jobs(states, capability, page_size=min(limit or 0, 1000)):
-            out.append(job)
-            if limit is not None and len(out) >= limit:
-                break
-        return out
+        request = job_service_pb2.ListJobsRequest(states=[c.job_state(s) for s in states], capability=capability)
+        return self._collect_pages("ListJobs", request, "jobs", limit)
 
     def cancel_job(self, name: str | job_pb2.Job) -> job_pb2.Job:
         """Cancel a queued job at once or a running one at its next step.
@@ -441,18 +437,22 @@ class Client(Capabilities[JobHandle]):
             for item in client.list_approved():
                 print(item.job, item.output.asset.name)
         """
-        out: list[job_service_pb2.ApprovedOutput] = []
-        token = ""
+        request = job_service_pb2.ListApprovedOutputsRequest()
+        return self._collect_pages("ListApprovedOutputs", request, "outputs", limit)
+
+    def _collect_pages(self, method: str, request: Any, field: str, limit: int | None) -> list[Any]:
+        """The ``field`` items of a paged JobService list call, up to ``limit`` (None: all)."""
+        out: list[Any] = []
+        request.page_size = min(limit or 0, 1000)
         while True:
-            request = job_service_pb2.ListApprovedOutputsRequest(page_size=min(limit or 0, 1000), page_token=token)
-            page = self._unary("JobService", "ListApprovedOutputs", request)
-            for item in page.outputs:
+            page = self._unary("JobService", method, request)
+            for item in getattr(page, field):
                 out.append(item)
                 if limit is not None and len(out) >= limit:
                     return out
-            token = page.next_page_token
-            if not token:
+            if not page.next_page_token:
                 return out
+            request.page_token = page.next_page_token
 
     # -- assets -----------------------------------------------------------------------------
 

@@ -5,21 +5,13 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 
+from paletta._common import human_bytes
 from paletta.v1 import job_pb2, system_service_pb2
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
     """An inline ``data:`` URL for image bytes."""
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def human_bytes(n: int) -> str:
-    """512 B, 3.4 MiB, 12.50 GiB."""
-    if n < 1024:
-        return f"{n} B"
-    if n < 1024**3:
-        return f"{n / 1024**2:.1f} MiB"
-    return f"{n / 1024**3:.2f} GiB"
 
 
 def status_rows(status: system_service_pb2.GetStatusResponse) -> list[tuple[str, str]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL import Image
 
-from paletta_server.engines.common import pretrained_location
+from paletta_server.engines.common import load_transformers
 
 DEEP_PROMPT = (
     "Question: Describe this image in detail: the subjects, where they are and what surrounds them. Answer:"
@@ -32,19 +32,14 @@ def _dtype(lc: Any) -> Any:
 def load_blip(source: Any, lc: Any) -> Captioner:
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    where, kwargs = pretrained_location(source)
-    processor = BlipProcessor.from_pretrained(where, **kwargs)
-    model = BlipForConditionalGeneration.from_pretrained(where, dtype=_dtype(lc), **kwargs).eval()
-    return Captioner(model.to(getattr(lc.device, "name", "cpu")), processor)
+    return Captioner(*load_transformers(BlipForConditionalGeneration, BlipProcessor, source, lc, dtype=_dtype(lc)))
 
 
 def load_blip2(source: Any, lc: Any) -> Captioner:
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    where, kwargs = pretrained_location(source)
-    processor = Blip2Processor.from_pretrained(where, **kwargs)
-    model = Blip2ForConditionalGeneration.from_pretrained(where, dtype=_dtype(lc), **kwargs).eval()
-    return Captioner(model.to(getattr(lc.device, "name", "cpu")), processor, DEEP_PROMPT)
+    model, processor = load_transformers(Blip2ForConditionalGeneration, Blip2Processor, source, lc, dtype=_dtype(lc))
+    return Captioner(model, processor, DEEP_PROMPT)
 
 
 def cancel_criteria(check: Callable[[], None] | None) -> Any:

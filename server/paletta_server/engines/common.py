@@ -71,6 +71,15 @@ def pretrained_location(source: ModelSource) -> tuple[str, dict[str, Any]]:
     return source.repo, {"revision": source.revision or None}
 
 
+def load_transformers(model_cls: Any, processor_cls: Any, source: ModelSource, lc: Any,
+                      **model_kwargs: Any) -> tuple[Any, Any]:
+    """A transformers model (eval mode, on the device) and its processor or tokenizer, from a source."""
+    where, kwargs = pretrained_location(source)
+    processor = processor_cls.from_pretrained(where, **kwargs)
+    model = model_cls.from_pretrained(where, **model_kwargs, **kwargs).eval()
+    return model.to(getattr(lc.device, "name", "cpu")), processor
+
+
 def import_object(dotted: str) -> Any:
     """Resolve "package.module:attribute"."""
     module, _, attr = dotted.partition(":")

@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from paletta_server.engines.common import pretrained_location
+from paletta_server.engines.common import load_transformers
 
 
 @dataclass
@@ -34,19 +34,13 @@ class Box:
 def load_detr(source: Any, lc: Any) -> Detector:
     from transformers import AutoImageProcessor, DetrForObjectDetection
 
-    where, kwargs = pretrained_location(source)
-    processor = AutoImageProcessor.from_pretrained(where, **kwargs)
-    model = DetrForObjectDetection.from_pretrained(where, **kwargs).eval()
-    return Detector(model.to(getattr(lc.device, "name", "cpu")), processor)
+    return Detector(*load_transformers(DetrForObjectDetection, AutoImageProcessor, source, lc))
 
 
 def load_owlv2(source: Any, lc: Any) -> Detector:
     from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-    where, kwargs = pretrained_location(source)
-    processor = Owlv2Processor.from_pretrained(where, **kwargs)
-    model = Owlv2ForObjectDetection.from_pretrained(where, **kwargs).eval()
-    return Detector(model.to(getattr(lc.device, "name", "cpu")), processor)
+    return Detector(*load_transformers(Owlv2ForObjectDetection, Owlv2Processor, source, lc))
 
 
 def _boxes(result: dict, labels: list[str], width: int, height: int) -> list[Box]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from paletta_server.engines.caption import cancel_criteria
-from paletta_server.engines.common import pretrained_location
+from paletta_server.engines.common import load_transformers
 
 SYSTEM_PROMPT = (
     "You rewrite short image prompts for the FLUX text-to-image model. Expand the user's prompt into one "
@@ -31,12 +31,8 @@ def load_qwen_llm(source: Any, lc: Any) -> PromptRewriter:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where, kwargs = pretrained_location(source)
-    device = getattr(lc.device, "name", "cpu")
-    dtype = lc.device.dtype if device == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs).eval()
-    return PromptRewriter(model.to(device), tokenizer)
+    dtype = lc.device.dtype if getattr(lc.device, "name", "cpu") == "cuda" else torch.float32
+    return PromptRewriter(*load_transformers(AutoModelForCausalLM, AutoTokenizer, source, lc, dtype=dtype))
 
 
 def _clean(text: str) -> str:

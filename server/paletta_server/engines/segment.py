@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image, ImageFilter
 
-from paletta_server.engines.common import pretrained_location
+from paletta_server.engines.common import load_transformers
 
 
 @dataclass
@@ -24,10 +24,7 @@ class ClipSeg:
 def load_clipseg(source: Any, lc: Any) -> ClipSeg:
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-    where, kwargs = pretrained_location(source)
-    processor = CLIPSegProcessor.from_pretrained(where, **kwargs)
-    model = CLIPSegForImageSegmentation.from_pretrained(where, **kwargs).eval()
-    return ClipSeg(model.to(getattr(lc.device, "name", "cpu")), processor)
+    return ClipSeg(*load_transformers(CLIPSegForImageSegmentation, CLIPSegProcessor, source, lc))
 
 
 def probability_map(seg: ClipSeg, image: Image.Image, text: str) -> Image.Image:
