@@ -5,11 +5,18 @@ Example::
     import paletta
 
     client = paletta.Client("127.0.0.1:50051")
-    job = client.generate("a knight in a misty forest", seed=7)
-    for event in job:
-        if event.HasField("progress"):
-            print(event.progress.stage, event.progress.step, event.progress.total_steps)
-    job.image().save("knight.png")
+    client.edit("street.jpg", "make it night").image().save("night.png")
+
+    job = client.generate("a knight in a misty forest", seed=7, variants=2)
+    for p in job.progress():
+        print(p.stage, p.step, p.total, p.variant)
+    for i, image in enumerate(job.images()):
+        image.save(f"knight-{i}.png")
+
+    print(client.caption("knight-0.png").result().text)    # a typed Caption
+
+    async with paletta.AsyncClient("127.0.0.1:50051") as aclient:
+        night = await aclient.edit("street.jpg", "make it night").image()
 """
 
 from paletta._common import DEFAULT_ADDRESS, ImageInput
@@ -33,15 +40,29 @@ from paletta.errors import (
     Unavailable,
     from_rpc_error,
 )
+from paletta.results import (
+    Box,
+    Caption,
+    Detection,
+    Detections,
+    Progress,
+    PromptExpansion,
+    Result,
+    Segmentation,
+)
 
 __all__ = [
     "DEFAULT_ADDRESS",
     "AlreadyExists",
     "AsyncClient",
     "AsyncJobHandle",
+    "Box",
+    "Caption",
     "Cancelled",
     "Client",
     "DeadlineExceeded",
+    "Detection",
+    "Detections",
     "FailedPrecondition",
     "FieldViolation",
     "ImageInput",
@@ -53,7 +74,11 @@ __all__ = [
     "NotFound",
     "PalettaError",
     "PermissionDenied",
+    "Progress",
+    "PromptExpansion",
     "ResourceExhausted",
+    "Result",
+    "Segmentation",
     "Unauthenticated",
     "Unavailable",
     "from_rpc_error",

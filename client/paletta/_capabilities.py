@@ -1,47 +1,50 @@
 """The capability calls, written once for both clients.
 
-Each method builds its request, lists the image arguments still to resolve (uploaded through
-AssetService by the client, then passed as ``ImageRef{asset}``) and hands both to ``_start``,
-which the sync client implements by returning a :class:`~paletta.JobHandle` and the async one
-by returning an awaitable :class:`~paletta.AsyncJobHandle`.
+Each method builds its request (with ``JobOptions``) as a :class:`~paletta._calls.JobCall` and
+hands it to ``_submit``: the sync client returns a started :class:`~paletta.JobHandle`, the
+async one an awaitable :class:`~paletta.AsyncJobHandle` that submits on first use. The class
+is generic in the handle type per result type, so ``client.detect(...).result()`` is typed
+``Detections`` in both clients.
+
+Every optional argument defaults to None, which leaves the field to the server's default.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Never, TypeVar, cast
 
 from google.protobuf.message import Message
 
 from paletta import _common as c
 from paletta import pipeline as pipeline_script
+from paletta._calls import Dependency, ImageSlot, JobCall, job_options
 from paletta._common import ImageInput, StylesInput
+from paletta.results import Caption, Detections, PromptExpansion, Result, Segmentation
 from paletta.v1 import (
-    background_service_pb2,
-    caption_service_pb2,
-    control_service_pb2,
-    detect_service_pb2,
-    edit_service_pb2,
-    generate_service_pb2,
-    inpaint_service_pb2,
-    pipeline_service_pb2,
-    prompt_service_pb2,
-    qwen_edit_service_pb2,
-    segment_service_pb2,
-    upscale_service_pb2,
+    background_pb2,
+    caption_pb2,
+    control_pb2,
+    detect_pb2,
+    edit_pb2,
+    generate_pb2,
+    inpaint_pb2,
+    job_spec_pb2,
+    prompt_pb2,
+    qwen_edit_pb2,
+    segment_pb2,
+    upscale_pb2,
 )
 
-H = TypeVar("H")
+HImage = TypeVar("HImage")  # handle of a job whose outputs are images only
+HSeg = TypeVar("HSeg")
+HDet = TypeVar("HDet")
+HCap = TypeVar("HCap")
+HExp = TypeVar("HExp")
+HAny = TypeVar("HAny")  # handle of a pipeline: any result type
 
-
-@dataclass(frozen=True)
-class ImageSlot:
-    """An ImageRef field of a request still to fill: ``getattr(parent, field)``."""
-
-    parent: Message
-    field: str
-    value: ImageInput
+Priority = int | str | None
+"""A queue priority: "low", "normal", "high" (or the enum int); None = the capability's default."""
 
 
 def _image_prompt(request: Any, image: ImageInput | None, weight: float | None) -> list[ImageSlot]:
@@ -54,10 +57,10 @@ def _image_prompt(request: Any, image: ImageInput | None, weight: float | None) 
     return [ImageSlot(request.image_prompt, "image", image)]
 
 
-class Capabilities(Generic[H]):
-    """Typed capability calls; ``H`` is what a call returns (a job handle or an awaitable of one)."""
+class Capabilities(Generic[HImage, HSeg, HDet, HCap, HExp, HAny]):
+    """Typed capability calls; each type parameter is the handle a call returns, per result type."""
 
-    def _start(self, service: str, method: str, request: Message, images: list[ImageSlot]) -> H:
+    def _submit(self, call: JobCall[Any]) -> object:
         raise NotImplementedError
 
     def generate(
@@ -74,31 +77,29 @@ class Capabilities(Generic[H]):
         image_prompt_weight: float | None = None,
         guidance: float | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
+    ) -> HImage:
         """Text to image with FLUX.1-schnell; ``variants`` N use seeds seed, seed+1, ….
 
-        None (the default) leaves width, height, steps and variants to the server; 0 is refused. ``styles`` stacks style
-        LoRAs ("tarot", "tarot:0.8", ("tarot", 0.8) or {"tarot": 0.8}); ``image_prompt`` is an
-        IP-Adapter reference image.
+        ``styles`` stacks style LoRAs ("tarot", "tarot:0.8", ("tarot", 0.8) or {"tarot": 0.8});
+        ``image_prompt`` is an IP-Adapter reference image. ``request_id`` is an idempotency key
+        (repeating it re-attaches to the same job).
 
         Example::
 
-            job = client.generate("a knight", width=512, height=512, seed=7, variants=2)
-            for i, image in enumerate(job.images()):
-                image.save(f"knight-{i}.png")
+            client.generate("a knight", width=512, height=512, seed=7).image().save("knight.png")
         """
-        request = generate_service_pb2.GenerateRequest(
+        request = generate_pb2.GenerateRequest(
             prompt=prompt,
             styles=c.styles(styles),
+            options=job_options(request_id, priority, cancel_on_disconnect),
             **c.optional_fields(
                 width=width, height=height, steps=steps, variants=variants, seed=seed, guidance=guidance
             ),
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
         )
         images = _image_prompt(request, image_prompt, image_prompt_weight)
-        return self._start("GenerateService", "Generate", request, images)
+        return cast(HImage, self._submit(JobCall[Never]("GenerateService", "Generate", request, images)))
 
     def edit(
         self,
@@ -114,60 +115,85 @@ class Capabilities(Generic[H]):
         image_prompt_weight: float | None = None,
         upscaler: int | str | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
+    ) -> HImage:
         """Edit an image from an instruction with FLUX.1-Kontext.
 
         Example::
 
-            photo = client.edit("street.jpg", "make it golden hour").images().__next__()
+            client.edit("street.jpg", "make it night").image().save("night.png")
         """
-        request = edit_service_pb2.EditRequest(
+        request = edit_pb2.EditRequest(
             prompt=prompt,
             styles=c.styles(styles),
-            upscaler=c.upscaler(upscaler),
-            **c.optional_fields(steps=steps, variants=variants, seed=seed, guidance=guidance),
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
+            options=job_options(request_id, priority, cancel_on_disconnect),
+            **c.optional_fields(
+                steps=steps, variants=variants, seed=seed, guidance=guidance, upscaler=c.upscaler(upscaler)
+            ),
         )
-        images = [
-            ImageSlot(request, "image", image),
-            *_image_prompt(request, image_prompt, image_prompt_weight),
-        ]
-        return self._start("EditService", "Edit", request, images)
+        images = [ImageSlot(request, "image", image), *_image_prompt(request, image_prompt, image_prompt_weight)]
+        return cast(HImage, self._submit(JobCall[Never]("EditService", "Edit", request, images)))
 
     def inpaint(
         self,
         image: ImageInput,
-        mask: ImageInput,
+        mask: ImageInput | None,
         prompt: str,
         *,
-        feather: int = 0,
+        auto_mask: str | None = None,
+        auto_mask_threshold: float | None = None,
+        auto_mask_dilate: int | None = None,
+        feather: int | None = None,
         guidance: float | None = None,
         steps: int | None = None,
         seed: int | None = None,
         variants: int | None = None,
         upscaler: int | str | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
-        """Regenerate the white part of ``mask`` with FLUX.1-Fill (a segment() output works as mask).
+    ) -> HImage:
+        """Regenerate the white part of ``mask`` with FLUX.1-Fill.
+
+        The mask is an image or asset (a ``segment`` result's ``mask`` works). Or give
+        ``mask=None, auto_mask="her coat"``: the SDK first runs a ``segment`` job for that text
+        (with ``auto_mask_threshold`` / ``auto_mask_dilate``) and inpaints with its mask; the
+        handle follows the inpaint job. (In a pipeline, a ``segment`` step does the same.)
 
         Example::
 
-            mask = client.segment("portrait.png", "her coat").wait().outputs[0].asset
-            job = client.inpaint("portrait.png", mask, "a red velvet coat", feather=8)
+            client.inpaint("portrait.png", None, "a red velvet coat", auto_mask="her coat").image()
         """
-        request = inpaint_service_pb2.InpaintRequest(
+        if (mask is None) == (auto_mask is None):
+            raise ValueError("give exactly one of mask and auto_mask")
+        request = inpaint_pb2.InpaintRequest(
             prompt=prompt,
-            feather=feather,
-            upscaler=c.upscaler(upscaler),
-            **c.optional_fields(steps=steps, variants=variants, seed=seed, guidance=guidance),
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
+            options=job_options(request_id, priority, cancel_on_disconnect),
+            **c.optional_fields(
+                feather=feather,
+                steps=steps,
+                variants=variants,
+                seed=seed,
+                guidance=guidance,
+                upscaler=c.upscaler(upscaler),
+            ),
         )
-        images = [ImageSlot(request, "image", image), ImageSlot(request, "mask", mask)]
-        return self._start("InpaintService", "Inpaint", request, images)
+        images = [ImageSlot(request, "image", image)]
+        dependencies = []
+        if mask is not None:
+            images.append(ImageSlot(request, "mask", mask))
+        else:
+            segment = segment_pb2.SegmentRequest(
+                text=auto_mask or "",
+                options=job_options(None, priority, cancel_on_disconnect),
+                **c.optional_fields(threshold=auto_mask_threshold, dilate=auto_mask_dilate),
+            )
+            segment_images = [ImageSlot(segment, "image", image)]
+            segment_call = JobCall[Segmentation]("SegmentService", "Segment", segment, segment_images)
+            dependencies.append(Dependency(segment_call, request, "mask"))
+        call = JobCall[Never]("InpaintService", "Inpaint", request, images, dependencies)
+        return cast(HImage, self._submit(call))
 
     def outpaint(
         self,
@@ -178,64 +204,76 @@ class Capabilities(Generic[H]):
         right: int = 0,
         top: int = 0,
         bottom: int = 0,
-        feather: int = 0,
+        feather: int | None = None,
         guidance: float | None = None,
         steps: int | None = None,
         seed: int | None = None,
         variants: int | None = None,
         upscaler: int | str | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
+    ) -> HImage:
         """Extend the canvas by the given pixels per side and fill the new area with FLUX.1-Fill.
 
         Example::
 
-            wide = client.outpaint("room.png", "more of the room", left=256, right=256)
+            wide = client.outpaint("room.png", "more of the room", left=256, right=256).image()
         """
-        request = inpaint_service_pb2.OutpaintRequest(
+        request = inpaint_pb2.OutpaintRequest(
             prompt=prompt,
             left=left,
             right=right,
             top=top,
             bottom=bottom,
-            feather=feather,
-            upscaler=c.upscaler(upscaler),
-            **c.optional_fields(steps=steps, variants=variants, seed=seed, guidance=guidance),
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
+            options=job_options(request_id, priority, cancel_on_disconnect),
+            **c.optional_fields(
+                feather=feather,
+                steps=steps,
+                variants=variants,
+                seed=seed,
+                guidance=guidance,
+                upscaler=c.upscaler(upscaler),
+            ),
         )
-        return self._start("InpaintService", "Outpaint", request, [ImageSlot(request, "image", image)])
+        call = JobCall[Never]("InpaintService", "Outpaint", request, [ImageSlot(request, "image", image)])
+        return cast(HImage, self._submit(call))
 
     def qwen_edit(
         self,
         image: ImageInput,
         prompt: str,
         *,
-        negative_prompt: str = "",
+        negative_prompt: str | None = None,
         guidance: float | None = None,
         steps: int | None = None,
         seed: int | None = None,
         variants: int | None = None,
         upscaler: int | str | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
+    ) -> HImage:
         """Edit an image from an instruction with Qwen-Image-Edit.
 
         Example::
 
-            job = client.qwen_edit("cat.png", "put a hat on the cat", negative_prompt="blurry")
+            client.qwen_edit("cat.png", "put a hat on the cat", negative_prompt="blurry").image()
         """
-        request = qwen_edit_service_pb2.QwenEditServiceEditRequest(
+        request = qwen_edit_pb2.QwenEditServiceEditRequest(
             prompt=prompt,
-            negative_prompt=negative_prompt,
-            upscaler=c.upscaler(upscaler),
-            **c.optional_fields(steps=steps, variants=variants, seed=seed, guidance=guidance),
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
+            options=job_options(request_id, priority, cancel_on_disconnect),
+            **c.optional_fields(
+                negative_prompt=negative_prompt,
+                steps=steps,
+                variants=variants,
+                seed=seed,
+                guidance=guidance,
+                upscaler=c.upscaler(upscaler),
+            ),
         )
-        return self._start("QwenEditService", "Edit", request, [ImageSlot(request, "image", image)])
+        call = JobCall[Never]("QwenEditService", "Edit", request, [ImageSlot(request, "image", image)])
+        return cast(HImage, self._submit(call))
 
     def control(
         self,
@@ -245,8 +283,8 @@ class Capabilities(Generic[H]):
         *,
         control_scale: float | None = None,
         preprocess: int | str | None = None,
-        width: int = 0,
-        height: int = 0,
+        width: int | None = None,
+        height: int | None = None,
         guidance: float | None = None,
         image_prompt: ImageInput | None = None,
         image_prompt_weight: float | None = None,
@@ -255,35 +293,39 @@ class Capabilities(Generic[H]):
         variants: int | None = None,
         upscaler: int | str | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
+    ) -> HImage:
         """Generate following a conditioning map with ControlNet Union-Pro.
 
         ``control_type`` is "canny", "depth" or "pose"; ``preprocess="canny"`` makes the edge map
-        on the server from a plain photo.
+        on the server from a plain photo. ``width`` / ``height`` None mean the control image's size.
 
         Example::
 
-            job = client.control("photo.jpg", "a watercolor city", "canny", preprocess="canny")
+            client.control("photo.jpg", "a watercolor city", "canny", preprocess="canny").image()
         """
-        request = control_service_pb2.ControlRequest(
+        request = control_pb2.ControlRequest(
             prompt=prompt,
-            control_type=c.control_type(control_type),
-            preprocess=c.preprocess(preprocess),
-            width=width,
-            height=height,
-            upscaler=c.upscaler(upscaler),
+            control_type=c.control_type(control_type),  # type: ignore[arg-type]  # an int of the enum
+            options=job_options(request_id, priority, cancel_on_disconnect),
             **c.optional_fields(
-                steps=steps, variants=variants, seed=seed, guidance=guidance, control_scale=control_scale
+                preprocess=c.preprocess(preprocess),
+                width=width,
+                height=height,
+                steps=steps,
+                variants=variants,
+                seed=seed,
+                guidance=guidance,
+                control_scale=control_scale,
+                upscaler=c.upscaler(upscaler),
             ),
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
         )
         images = [
             ImageSlot(request, "control_image", control_image),
             *_image_prompt(request, image_prompt, image_prompt_weight),
         ]
-        return self._start("ControlService", "Control", request, images)
+        return cast(HImage, self._submit(JobCall[Never]("ControlService", "Control", request, images)))
 
     def upscale(
         self,
@@ -291,25 +333,24 @@ class Capabilities(Generic[H]):
         *,
         upscaler: int | str | None = None,
         scale: float | None = None,
-        tile: int = 0,
+        tile: int | None = None,
         overlap: int | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
-        """Enlarge an image: ``upscaler`` "realesrgan" (default, tiled) or "lanczos".
+    ) -> HImage:
+        """Enlarge an image: ``upscaler`` "realesrgan" (the default, tiled) or "lanczos".
 
         Example::
 
-            big = client.upscale("small.png", scale=4).images().__next__()
+            big = client.upscale("small.png", scale=4).image()
         """
-        request = upscale_service_pb2.UpscaleRequest(
-            upscaler=c.upscaler(upscaler),
-            tile=tile,
-            **c.optional_fields(scale=scale, overlap=overlap),
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
+        request = upscale_pb2.UpscaleRequest(
+            options=job_options(request_id, priority, cancel_on_disconnect),
+            **c.optional_fields(upscaler=c.upscaler(upscaler), scale=scale, tile=tile, overlap=overlap),
         )
-        return self._start("UpscaleService", "Upscale", request, [ImageSlot(request, "image", image)])
+        call = JobCall[Never]("UpscaleService", "Upscale", request, [ImageSlot(request, "image", image)])
+        return cast(HImage, self._submit(call))
 
     def remove_background(
         self,
@@ -317,20 +358,20 @@ class Capabilities(Generic[H]):
         *,
         return_mask: bool = False,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
+    ) -> HImage:
         """Cut the subject out with BiRefNet: an RGBA PNG (and the mask as a second output).
 
         Example::
 
-            cutout = client.remove_background("product.jpg").images().__next__()
+            cutout = client.remove_background("product.jpg").image()
         """
-        request = background_service_pb2.RemoveBackgroundRequest(
-            return_mask=return_mask,
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
+        request = background_pb2.RemoveBackgroundRequest(
+            return_mask=return_mask, options=job_options(request_id, priority, cancel_on_disconnect)
         )
-        return self._start("BackgroundService", "RemoveBackground", request, [ImageSlot(request, "image", image)])
+        call = JobCall[Never]("BackgroundService", "RemoveBackground", request, [ImageSlot(request, "image", image)])
+        return cast(HImage, self._submit(call))
 
     def segment(
         self,
@@ -338,27 +379,27 @@ class Capabilities(Generic[H]):
         text: str,
         *,
         threshold: float | None = None,
-        dilate: int = 0,
-        feather: int = 0,
+        dilate: int | None = None,
+        feather: int | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
-        """Make a mask of what ``text`` describes with CLIPSeg; the output asset feeds inpaint().
+    ) -> HSeg:
+        """Make a mask of what ``text`` describes with CLIPSeg; the result is a :class:`~paletta.Segmentation`.
 
         Example::
 
-            job = client.segment("landscape.png", "the sky", dilate=4)
-            coverage = job.results()[0].coverage
+            seg = client.segment("landscape.png", "the sky", dilate=4).result()
+            print(seg.coverage)
+            client.inpaint("landscape.png", seg.mask, "a stormy sky").image()
         """
-        request = segment_service_pb2.SegmentRequest(
+        request = segment_pb2.SegmentRequest(
             text=text,
-            dilate=dilate,
-            feather=feather,
-            **c.optional_fields(threshold=threshold),
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
+            options=job_options(request_id, priority, cancel_on_disconnect),
+            **c.optional_fields(threshold=threshold, dilate=dilate, feather=feather),
         )
-        return self._start("SegmentService", "Segment", request, [ImageSlot(request, "image", image)])
+        call = JobCall[Segmentation]("SegmentService", "Segment", request, [ImageSlot(request, "image", image)])
+        return cast(HSeg, self._submit(call))
 
     def detect(
         self,
@@ -366,21 +407,22 @@ class Capabilities(Generic[H]):
         *,
         threshold: float | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
-        """Find COCO objects with DETR; the result is a Detections message.
+    ) -> HDet:
+        """Find COCO objects with DETR; the result is :class:`~paletta.Detections`.
 
         Example::
 
-            for d in client.detect("street.jpg").results()[0].detections:
+            for d in client.detect("street.jpg").result():
                 print(d.label, d.score, d.box.x_min, d.box.y_min)
         """
-        request = detect_service_pb2.DetectRequest(
+        request = detect_pb2.DetectRequest(
+            options=job_options(request_id, priority, cancel_on_disconnect),
             **c.optional_fields(threshold=threshold),
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
         )
-        return self._start("DetectService", "Detect", request, [ImageSlot(request, "image", image)])
+        call = JobCall[Detections]("DetectService", "Detect", request, [ImageSlot(request, "image", image)])
+        return cast(HDet, self._submit(call))
 
     def ground(
         self,
@@ -389,44 +431,47 @@ class Capabilities(Generic[H]):
         *,
         threshold: float | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
-        """Find what text queries describe with OWLv2; the result is a Detections message.
+    ) -> HDet:
+        """Find what text queries describe with OWLv2; the result is :class:`~paletta.Detections`.
 
         Example::
 
-            boxes = client.ground("cave.png", ["the dragon"]).results()[0].detections
+            boxes = client.ground("cave.png", ["the dragon"]).result().detections
         """
-        request = detect_service_pb2.GroundRequest(
+        request = detect_pb2.GroundRequest(
             queries=[queries] if isinstance(queries, str) else list(queries),
+            options=job_options(request_id, priority, cancel_on_disconnect),
             **c.optional_fields(threshold=threshold),
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
         )
-        return self._start("DetectService", "Ground", request, [ImageSlot(request, "image", image)])
+        call = JobCall[Detections]("DetectService", "Ground", request, [ImageSlot(request, "image", image)])
+        return cast(HDet, self._submit(call))
 
     def caption(
         self,
         image: ImageInput,
         *,
         depth: int | str | None = None,
-        max_tokens: int = 0,
+        max_tokens: int | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
-        """Describe an image: ``depth`` "fast" (BLIP-large) or "deep" (BLIP-2); result: Caption.
+    ) -> HCap:
+        """Describe an image: ``depth`` "fast" (BLIP-large, the default) or "deep" (BLIP-2).
+
+        The result is a :class:`~paletta.Caption`.
 
         Example::
 
-            print(client.caption("photo.jpg", depth="deep").results()[0].text)
+            print(client.caption("photo.jpg", depth="deep").result().text)
         """
-        request = caption_service_pb2.CaptionRequest(
-            depth=c.caption_depth(depth),
-            max_tokens=max_tokens,
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
+        request = caption_pb2.CaptionRequest(
+            options=job_options(request_id, priority, cancel_on_disconnect),
+            **c.optional_fields(depth=c.caption_depth(depth), max_tokens=max_tokens),
         )
-        return self._start("CaptionService", "Caption", request, [ImageSlot(request, "image", image)])
+        call = JobCall[Caption]("CaptionService", "Caption", request, [ImageSlot(request, "image", image)])
+        return cast(HCap, self._submit(call))
 
     def analyze(
         self,
@@ -435,60 +480,61 @@ class Capabilities(Generic[H]):
         depth: int | str | None = None,
         threshold: float | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
-        """Caption plus DETR object labels in one job; result: Caption with ``objects``.
+    ) -> HCap:
+        """Caption plus DETR object labels in one job; the result is a :class:`~paletta.Caption` with ``objects``.
 
         Example::
 
-            caption = client.analyze("photo.jpg").results()[0]
-            print(caption.text, list(caption.objects))
+            caption = client.analyze("photo.jpg").result()
+            print(caption.text, caption.objects)
         """
-        request = caption_service_pb2.AnalyzeRequest(
-            depth=c.caption_depth(depth),
-            **c.optional_fields(threshold=threshold),
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
+        request = caption_pb2.AnalyzeRequest(
+            options=job_options(request_id, priority, cancel_on_disconnect),
+            **c.optional_fields(depth=c.caption_depth(depth), threshold=threshold),
         )
-        return self._start("CaptionService", "Analyze", request, [ImageSlot(request, "image", image)])
+        call = JobCall[Caption]("CaptionService", "Analyze", request, [ImageSlot(request, "image", image)])
+        return cast(HCap, self._submit(call))
 
     def expand(
         self,
         prompt: str,
         *,
         seed: int | None = None,
-        max_tokens: int = 0,
+        max_tokens: int | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
-        """Rewrite a short prompt as a verbose FLUX-style description; result: PromptExpansion.
+    ) -> HExp:
+        """Rewrite a short prompt as a verbose FLUX-style description; result: :class:`~paletta.PromptExpansion`.
 
         Example::
 
-            print(client.expand("a cozy cabin", seed=1).results()[0].expanded)
+            print(client.expand("a cozy cabin", seed=1).result().expanded)
         """
-        request = prompt_service_pb2.ExpandRequest(
+        request = prompt_pb2.ExpandRequest(
             prompt=prompt,
-            max_tokens=max_tokens,
-            **c.optional_fields(seed=seed),
-            **c.common_fields(request_id, priority, cancel_on_disconnect),
+            options=job_options(request_id, priority, cancel_on_disconnect),
+            **c.optional_fields(seed=seed, max_tokens=max_tokens),
         )
-        return self._start("PromptService", "Expand", request, [])
+        return cast(HExp, self._submit(JobCall[PromptExpansion]("PromptService", "Expand", request)))
 
     def pipeline(
         self,
-        steps: str | Sequence[pipeline_service_pb2.PipelineStep],
+        steps: str | Sequence[job_spec_pb2.JobSpec | Message],
         *,
         image: ImageInput | None = None,
         request_id: str | None = None,
-        priority: int | str | None = None,
+        priority: Priority = None,
         cancel_on_disconnect: bool = False,
-    ) -> H:
-        """Run a chain of steps as one job, each on the previous step's output.
+    ) -> HAny:
+        """Run a chain of steps as one job, each on the previous step's image.
 
-        ``steps`` is a pipeline script (see :mod:`paletta.pipeline`) or PipelineStep messages;
-        ``image`` is the optional starting image. Every step's outputs come back in order.
+        ``steps`` is a pipeline script (see :mod:`paletta.pipeline`), or JobSpec messages or
+        capability requests (``GenerateRequest``, ``SegmentRequest``, …; leave their image unset
+        to chain). ``image`` is the optional starting image. Every step's outputs come back in
+        order; their ``parameters`` name the step.
 
         Example::
 
@@ -500,9 +546,12 @@ class Capabilities(Generic[H]):
             final = list(job.images())[-1]
         """
         if isinstance(steps, str):
-            steps = pipeline_script.parse(steps, has_image=image is not None)
-        request = pipeline_service_pb2.RunPipelineRequest(
-            steps=list(steps), **c.common_fields(request_id, priority, cancel_on_disconnect)
+            specs = pipeline_script.parse(steps, has_image=image is not None)
+        else:
+            specs = [pipeline_script.to_spec(step) for step in steps]
+        request = job_spec_pb2.RunPipelineRequest(
+            steps=specs, options=job_options(request_id, priority, cancel_on_disconnect)
         )
         images = [ImageSlot(request, "image", image)] if image is not None else []
-        return self._start("PipelineService", "RunPipeline", request, images)
+        return cast(HAny, self._submit(JobCall[Result]("PipelineService", "RunPipeline", request, images)))
+

@@ -1,4 +1,4 @@
-"""Pieces shared by the sync and async clients: input coercion, enums, the job event tracker."""
+"""Pieces shared by the sync and async clients: input coercion, enums, small formatting."""
 
 from __future__ import annotations
 
@@ -6,19 +6,18 @@ import hashlib
 import io
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
-import grpc
 from PIL import Image
 
-from paletta.errors import JobCancelled, JobFailed, from_status
 from paletta.v1 import (
     asset_service_pb2,
-    caption_service_pb2,
-    control_service_pb2,
+    caption_pb2,
+    control_pb2,
     image_pb2,
+    job_options_pb2,
     job_pb2,
 )
 
@@ -38,11 +37,14 @@ StyleInput: TypeAlias = "str | tuple[str, float | None] | image_pb2.StyleSelecti
 
 StylesInput: TypeAlias = "Iterable[StyleInput] | Mapping[str, float | None] | None"
 
-Result: TypeAlias = "Any"
-"""A typed output result: Detections, Caption, PromptExpansion or Segmentation (proto messages)."""
 
-# Codes after which a stream is worth re-attaching to: the job goes on on the server.
-REATTACH_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED})
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+JobRef: TypeAlias = "str | job_pb2.Job | _Named"
+"""A job: its name ("jobs/…"), a Job, or a job handle."""
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -105,7 +107,7 @@ def asset_name(value: str | image_pb2.Asset) -> str:
     return value.name if isinstance(value, image_pb2.Asset) else value
 
 
-def job_name(value: str | job_pb2.Job | Any) -> str:
+def job_name(value: JobRef) -> str:
     """The resource name of a job given by name, as a Job, or as a job handle."""
     if isinstance(value, str):
         return value
@@ -130,7 +132,7 @@ def enum_value(enum: Any, prefix: str, value: int | str | None) -> int:
 
 
 def priority(value: int | str | None) -> int:
-    return enum_value(image_pb2.Priority, "PRIORITY_", value)
+    return enum_value(job_options_pb2.Priority, "PRIORITY_", value)
 
 
 def upscaler(value: int | str | None) -> int:
@@ -138,15 +140,15 @@ def upscaler(value: int | str | None) -> int:
 
 
 def control_type(value: int | str | None) -> int:
-    return enum_value(control_service_pb2.ControlType, "CONTROL_TYPE_", value)
+    return enum_value(control_pb2.ControlType, "CONTROL_TYPE_", value)
 
 
 def preprocess(value: int | str | None) -> int:
-    return enum_value(control_service_pb2.Preprocess, "PREPROCESS_", value)
+    return enum_value(control_pb2.Preprocess, "PREPROCESS_", value)
 
 
 def caption_depth(value: int | str | None) -> int:
-    return enum_value(caption_service_pb2.CaptionDepth, "CAPTION_DEPTH_", value)
+    return enum_value(caption_pb2.CaptionDepth, "CAPTION_DEPTH_", value)
 
 
 def job_state(value: int | str) -> int:
@@ -155,7 +157,7 @@ def job_state(value: int | str) -> int:
 
 def state_label(value: int) -> str:
     """ "succeeded" for JOB_STATE_SUCCEEDED."""
-    return job_pb2.JobState.Name(value).removeprefix("JOB_STATE_").lower()  # type: ignore[arg-type]
+    return job_pb2.JobState.Name(value).removeprefix("JOB_STATE_").lower()  # type: ignore[arg-type]  # an int
 
 
 def parse_style(value: StyleInput) -> image_pb2.StyleSelection:
@@ -187,76 +189,9 @@ def styles(value: StylesInput) -> list[image_pb2.StyleSelection]:
     return [parse_style(item) for item in value]
 
 
-def common_fields(
-    request_id: str | None, priority_value: int | str | None, cancel_on_disconnect: bool
-) -> dict[str, Any]:
-    """The fields every capability request shares."""
-    return {
-        "request_id": request_id or "",
-        "priority": priority(priority_value),
-        "cancel_on_disconnect": cancel_on_disconnect,
-    }
-
-
 def optional_fields(**values: Any) -> dict[str, Any]:
     """Drop the None values so proto3 `optional` fields stay unset."""
     return {key: value for key, value in values.items() if value is not None}
-
-
-def output_result(output: job_pb2.JobOutput) -> Result | None:
-    """The typed result of one output (Detections, Caption, PromptExpansion, Segmentation) or None."""
-    kind = output.WhichOneof("result")
-    return getattr(output, kind) if kind else None
-
-
-@dataclass
-class JobTracker:
-    """Event bookkeeping shared by the sync and async job handles.
-
-    Drops events already seen (replays after a re-attach), remembers outputs and the final job.
-    """
-
-    name: str = ""
-    last_seq: int = 0
-    outputs: dict[int, job_pb2.JobOutput] = field(default_factory=dict)
-    final: job_pb2.Job | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.final is not None
-
-    def accept(self, event: job_pb2.JobEvent) -> bool:
-        """Record an event; False if it is a duplicate that must not reach the caller."""
-        if event.seq and event.seq <= self.last_seq:
-            return False
-        if event.job:
-            self.name = event.job
-        self.last_seq = max(self.last_seq, event.seq)
-        kind = event.WhichOneof("kind")
-        if kind == "output":
-            self.outputs[event.output.index] = event.output
-        elif kind == "finished":
-            self.final = event.finished.job
-            for output in event.finished.job.outputs:
-                self.outputs.setdefault(output.index, output)
-        return True
-
-    def sorted_outputs(self) -> list[job_pb2.JobOutput]:
-        return [self.outputs[i] for i in sorted(self.outputs)]
-
-    def check(self) -> job_pb2.Job:
-        """The final job; raises JobFailed / JobCancelled unless it SUCCEEDED."""
-        assert self.final is not None
-        job = self.final
-        if job.state == job_pb2.JOB_STATE_SUCCEEDED:
-            return job
-        if job.state == job_pb2.JOB_STATE_CANCELLED:
-            if job.HasField("error") and job.error.code:
-                raise from_status(job.error, job)
-            raise JobCancelled(job, message="cancelled", code=grpc.StatusCode.CANCELLED)
-        if job.HasField("error") and job.error.code:
-            raise from_status(job.error, job)
-        raise JobFailed(job, message=f"ended in state {state_label(job.state)}", code=grpc.StatusCode.UNKNOWN)
 
 
 def decode_image(data: bytes) -> Image.Image:

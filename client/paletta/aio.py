@@ -1,23 +1,26 @@
-"""The asyncio client (``grpc.aio``) and its job handle."""
+"""The asyncio client (``grpc.aio``) and its job handle: a thin async transport around the shared core."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
+from typing import Any, Generic, Never, TypeVar
 
 import grpc
 import grpc.aio
-from google.protobuf.message import Message
 from PIL import Image
 
+from paletta import _calls
 from paletta import _common as c
-from paletta._capabilities import Capabilities, ImageSlot
+from paletta._calls import JobCall, Pager, Rpc
+from paletta._capabilities import Capabilities
+from paletta._follow import FetchJob, Finished, JobFollower, Raise, Read, Submit, Update, Watch
+from paletta._handle import HandleBase, image_asset
 from paletta._stubs import make_stubs
-from paletta.client import _TERMINAL, Backoff
 from paletta.errors import PalettaError, from_rpc_error
+from paletta.results import Caption, Detections, Progress, PromptExpansion, Result, Segmentation
 from paletta.v1 import (
     asset_service_pb2,
     image_pb2,
@@ -27,179 +30,190 @@ from paletta.v1 import (
     system_service_pb2,
 )
 
+R = TypeVar("R")
+T = TypeVar("T")
 
-class AsyncJobHandle:
-    """One job, for asyncio code: ``async for`` its events, ``await`` its end, get its images.
+AsyncProgressCallback = Callable[[Progress], object | Awaitable[object]]
+"""Called with each :class:`~paletta.Progress`; may be a coroutine function."""
 
-    Re-attaches with ``WatchJob(after_seq=last seen seq)`` after a dropped stream.
+
+class AsyncJobHandle(HandleBase[R], Generic[R]):
+    """One job, for asyncio code. The capability call returns it before anything is sent: the job
+    is submitted on first use, so ``await client.edit(img, "make it night").image()`` is one expression.
+
+    ``await handle`` submits (raising a rejected request's error) and returns the handle;
+    ``async for`` gives its events, :meth:`progress` typed progress. Re-attaches with
+    ``WatchJob(after_seq=last seen seq)`` after a dropped stream.
 
     Example::
 
-        job = await client.generate("a knight")
-        async for event in job:
-            if event.HasField("preview"):
-                show(event.preview.jpeg)
-        async for image in job.images():
-            image.save("knight.png")
+        job = client.generate("a knight", variants=2)
+        async for p in job.progress():
+            print(p.stage, p.step, p.total)
+        (await job.image()).save("knight.png")
     """
 
     def __init__(
-        self,
-        client: AsyncClient,
-        open_stream: Callable[[], Any] | None = None,
-        *,
-        name: str = "",
-        after_seq: int = 0,
+        self, client: AsyncClient, call: JobCall[R] | None = None, *, name: str = "", after_seq: int = 0
     ) -> None:
         self._client = client
-        self._open_stream = open_stream
-        self._tracker = c.JobTracker(name=name, last_seq=after_seq)
+        self._core = JobFollower(name, after_seq, call, client.reconnect_timeout)
         self._stream: Any = None
-        self._buffer: deque[job_pb2.JobEvent] = deque()
-        self._backoff = Backoff(client.reconnect_timeout)
-        self.reattach_count = 0
 
-    async def _read(self) -> job_pb2.JobEvent | None:
-        """The next message of the open stream, None at its end."""
-        message = await self._stream.read()
-        return None if message is grpc.aio.EOF else message
+    # -- the transport: do what the follower asks ------------------------------------------------
 
-    async def _start(self) -> AsyncJobHandle:
-        assert self._open_stream is not None
-        self._stream = self._open_stream()
-        self._open_stream = None
-        try:
-            event = await self._read()
-        except grpc.RpcError as err:
-            self._stream = None
-            raise from_rpc_error(err) from err
-        if event is None:
-            self._stream = None
-            raise PalettaError("the server ended the job stream without any event")
-        self._tracker.accept(event)
-        self._buffer.append(event)
+    async def _step(self) -> bool:
+        """Carry out the follower's next action; False once the job is over."""
+        core = self._core
+        match core.next_action():
+            case Submit(call):
+                try:
+                    self._stream = await self._client._open_job(call)
+                except PalettaError as err:
+                    core.on_error(err)
+                else:
+                    core.opened()
+            case Read():
+                try:
+                    event = await self._stream.read()
+                except grpc.RpcError as err:
+                    self._stream = None
+                    core.on_error(from_rpc_error(err))
+                else:
+                    if event is grpc.aio.EOF:  # type: ignore[attr-defined]  # missing from the stubs
+                        self._stream = None
+                        core.on_end()
+                    else:
+                        core.on_event(event)
+            case Watch(request, delay):
+                await asyncio.sleep(delay)
+                self._stream = self._client._stubs["JobService"].WatchJob(request, metadata=self._client._metadata)
+                core.opened()
+            case FetchJob(request):
+                try:
+                    core.on_job(await self._client.get_job(request.name))
+                except PalettaError as err:
+                    core.on_error(err)
+            case Finished():
+                return False
+            case Raise(error):
+                raise error
+        return True
+
+    async def _updates(self) -> AsyncIterator[Update]:
+        while True:
+            if self._core.pending:
+                yield self._core.pending.popleft()
+            elif not await self._step():
+                return
+
+    async def start(self) -> AsyncJobHandle[R]:
+        """Submit the job (if not yet) and read its first event; a rejected request raises here.
+
+        ``await handle`` does the same.
+        """
+        while not self._core.pending and await self._step():
+            pass
         return self
 
-    @property
-    def name(self) -> str:
-        """The job's resource name, "jobs/{id}"."""
-        return self._tracker.name
+    def __await__(self) -> Generator[Any, None, AsyncJobHandle[R]]:
+        return self.start().__await__()
 
-    @property
-    def last_seq(self) -> int:
-        """The seq of the last event seen; re-attaching replays from here."""
-        return self._tracker.last_seq
+    async def _followed(self, on_progress: AsyncProgressCallback | None) -> AsyncIterator[Update]:
+        async for update in self._updates():
+            if on_progress is not None and update.progress is not None:
+                returned = on_progress(update.progress)
+                if inspect.isawaitable(returned):
+                    await returned
+            yield update
 
-    @property
-    def done(self) -> bool:
-        """Whether the finished event has been seen."""
-        return self._tracker.done
-
-    @property
-    def job(self) -> job_pb2.Job | None:
-        """The final Job once finished, else None."""
-        return self._tracker.final
-
-    def __repr__(self) -> str:
-        state = c.state_label(self._tracker.final.state) if self._tracker.final else "open"
-        return f"<AsyncJobHandle {self.name} {state} seq={self.last_seq}>"
-
-    async def _retry(self, error: PalettaError | grpc.RpcError) -> None:
-        code = error.code() if isinstance(error, grpc.RpcError) else error.code  # type: ignore[attr-defined]
-        converted = from_rpc_error(error) if isinstance(error, grpc.RpcError) else error
-        if not self.name or code not in c.REATTACH_CODES:
-            raise converted
-        delay = self._backoff.next_delay()
-        if delay is None:
-            raise converted
-        await asyncio.sleep(delay)
-        self.reattach_count += 1
-
-    async def _settle_ended_stream(self) -> None:
-        job = await self._client.get_job(self.name)
-        if job.state in _TERMINAL:
-            self._tracker.final = job
-            for output in job.outputs:
-                self._tracker.outputs.setdefault(output.index, output)
-        else:
-            await self._retry(PalettaError("job stream ended early", code=grpc.StatusCode.UNAVAILABLE))
-
-    async def _next_event(self) -> job_pb2.JobEvent | None:
-        while True:
-            if self._buffer:
-                return self._buffer.popleft()
-            if self._tracker.done:
-                return None
-            try:
-                if self._stream is None:
-                    request = job_service_pb2.WatchJobRequest(job=self.name, after_seq=self.last_seq)
-                    self._stream = self._client._stubs["JobService"].WatchJob(request, metadata=self._client._metadata)
-                event = await self._read()
-            except grpc.RpcError as err:
-                self._stream = None
-                await self._retry(err)
-                continue
-            if event is None:
-                self._stream = None
-                try:
-                    await self._settle_ended_stream()
-                except PalettaError as err:
-                    await self._retry(err)
-                continue
-            if self._tracker.accept(event):
-                self._backoff.reset()
-                return event
+    # -- the public surface --------------------------------------------------------------------
 
     async def __aiter__(self) -> AsyncIterator[job_pb2.JobEvent]:
-        while (event := await self._next_event()) is not None:
-            yield event
+        """The job's events (JobEvent messages) from where the handle is, up to and including finished."""
+        async for update in self._updates():
+            yield update.event
 
-    async def wait(self) -> job_pb2.Job:
+    async def progress(self) -> AsyncIterator[Progress]:
+        """Typed progress (queued, stages, previews) until the job ends.
+
+        Example::
+
+            async for p in job.progress():
+                bar.value = p.fraction
+        """
+        async for update in self._updates():
+            if update.progress is not None:
+                yield update.progress
+
+    async def wait(self, on_progress: AsyncProgressCallback | None = None) -> job_pb2.Job:
         """Follow the job to its end and return the final Job; raises JobFailed unless it succeeded.
 
         Example::
 
-            job = await (await client.generate("a knight")).wait()
+            job = await client.generate("a knight").wait()
         """
-        async for _ in self:
+        async for _ in self._followed(on_progress):
             pass
-        return self._tracker.check()
+        return self._core.check()
 
-    async def outputs(self) -> AsyncIterator[job_pb2.JobOutput]:
+    async def outputs(self, on_progress: AsyncProgressCallback | None = None) -> AsyncIterator[job_pb2.JobOutput]:
         """Each output as soon as it is stored, in order; raises JobFailed at the end if the job failed."""
         seen: set[int] = set()
-        for output in self._tracker.sorted_outputs():
+        for output in self._core.outputs_in_order():
             seen.add(output.index)
             yield output
-        async for event in self:
-            if event.HasField("output") and event.output.index not in seen:
-                seen.add(event.output.index)
-                yield event.output
-        for output in self._tracker.sorted_outputs():
+        async for update in self._followed(on_progress):
+            if update.output is not None and update.output.index not in seen:
+                seen.add(update.output.index)
+                yield update.output
+        for output in self._core.outputs_in_order():
             if output.index not in seen:
                 seen.add(output.index)
                 yield output
-        self._tracker.check()
+        self._core.check()
 
-    async def images(self) -> AsyncIterator[Image.Image]:
-        """The output images as PIL images, downloaded as they are stored."""
-        async for output in self.outputs():
-            if output.HasField("asset") and output.asset.name:
-                yield await self._client.download_image(output.asset.name)
+    async def images(self, on_progress: AsyncProgressCallback | None = None) -> AsyncIterator[Image.Image]:
+        """The output images as PIL images, downloaded as they are stored.
 
-    async def image(self) -> Image.Image:
-        """The first output image."""
-        async for image in self.images():
+        Example::
+
+            async for image in client.generate("a knight", variants=2).images():
+                image.show()
+        """
+        async for output in self.outputs(on_progress):
+            if (asset := image_asset(output)) is not None:
+                yield await self._client.download_image(asset)
+
+    async def image(self, on_progress: AsyncProgressCallback | None = None) -> Image.Image:
+        """The first output image.
+
+        Example::
+
+            night = await client.edit("street.jpg", "make it night").image()
+        """
+        async for image in self.images(on_progress):
             return image
-        raise PalettaError(f"job {self.name} has no image output", code=grpc.StatusCode.NOT_FOUND)
+        raise self._no_image()
 
-    async def results(self) -> list[c.Result]:
-        """The typed results (Detections, Caption, PromptExpansion, Segmentation) of all outputs."""
-        await self.wait()
-        return [r for r in (c.output_result(o) for o in self._tracker.sorted_outputs()) if r is not None]
+    async def results(self, on_progress: AsyncProgressCallback | None = None) -> list[R]:
+        """The typed results of all outputs, once the job has finished."""
+        await self.wait(on_progress)
+        return self._typed_results()
+
+    async def result(self, on_progress: AsyncProgressCallback | None = None) -> R:
+        """The first typed result.
+
+        Example::
+
+            print((await client.caption("photo.jpg").result()).text)
+        """
+        await self.wait(on_progress)
+        return self._first_result()
 
     async def cancel(self) -> job_pb2.Job:
-        """Ask the server to cancel the job."""
+        """Ask the server to cancel the job (submitting it first if it was not yet)."""
+        await self.start()
         return await self._client.cancel_job(self.name)
 
     def close(self) -> None:
@@ -208,17 +222,32 @@ class AsyncJobHandle:
             self._stream.cancel()
         self._stream = None
 
+    async def __aenter__(self) -> AsyncJobHandle[R]:
+        return await self.start()
 
-class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
-    """asyncio Paletta client on ``grpc.aio``; the same calls as :class:`~paletta.Client`, awaited.
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(
+    Capabilities[
+        AsyncJobHandle[Never],
+        AsyncJobHandle[Segmentation],
+        AsyncJobHandle[Detections],
+        AsyncJobHandle[Caption],
+        AsyncJobHandle[PromptExpansion],
+        AsyncJobHandle[Result],
+    ]
+):
+    """asyncio Paletta client on ``grpc.aio``: the same calls as :class:`~paletta.Client`.
+
+    Capability calls return an :class:`AsyncJobHandle` at once (no await); the others are coroutines.
 
     Example::
 
         async with paletta.AsyncClient("127.0.0.1:50051") as client:
-            job = await client.generate("a knight", seed=1)
-            async for event in job:
-                ...
-            (await job.image()).save("knight.png")
+            (await client.generate("a knight", seed=1).image()).save("knight.png")
+            print((await client.caption("knight.png").result()).text)
     """
 
     def __init__(
@@ -232,42 +261,35 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
         reconnect_timeout: float = 30.0,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        """Connect to ``address``; TLS when ``tls_root_cert`` is given (or ``tls=True`` for system roots)."""
         self.address = address
         self.reconnect_timeout = reconnect_timeout
         self._metadata = c.auth_metadata(token)
         self._uploaded: dict[str, image_pb2.Asset] = {}
+        self._owns_channel = channel is None
         if channel is None:
             opts = [*c.CHANNEL_OPTIONS, *options]
             root = c.read_root_cert(tls_root_cert)
             if root is not None or tls:
-                creds = grpc.ssl_channel_credentials(root_certificates=root)
-                channel = grpc.aio.secure_channel(address, creds, options=opts)
+                channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root), options=opts)
             else:
                 channel = grpc.aio.insecure_channel(address, options=opts)
-            self._owns_channel = True
-        else:
-            self._owns_channel = False
         self.channel = channel
         self._stubs = make_stubs(channel)
 
-    async def _unary(self, service: str, method: str, request: Message) -> Any:
+    # -- transport --------------------------------------------------------------------------
+
+    async def _unary(self, rpc: Rpc[T]) -> T:
         try:
-            return await getattr(self._stubs[service], method)(request, metadata=self._metadata)
+            response = await getattr(self._stubs[rpc.service], rpc.method)(rpc.request, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
+        return rpc.unwrap(response)
 
-    async def _upload_prepared(self, prepared: c.PreparedImage) -> image_pb2.Asset:
-        assert prepared.data is not None
-        digest = prepared.digest
-        if digest not in self._uploaded:
-            try:
-                asset = await self._stubs["AssetService"].UploadAsset(
-                    c.upload_requests(prepared.data), metadata=self._metadata
-                )
-            except grpc.RpcError as err:
-                raise from_rpc_error(err) from err
-            self._uploaded[digest] = asset
-        return self._uploaded[digest]
+    async def _pages(self, pager: Pager[T]) -> AsyncIterator[T]:
+        while not pager.done:
+            for item in pager.feed(await self._unary(pager.rpc)):
+                yield item
 
     async def _image_ref(self, value: c.ImageInput) -> image_pb2.ImageRef:
         prepared = c.prepare_image(value)
@@ -275,18 +297,33 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
             return image_pb2.ImageRef(asset=prepared.asset)
         return image_pb2.ImageRef(asset=(await self._upload_prepared(prepared)).name)
 
-    async def _start(  # type: ignore[override]
-        self, service: str, method: str, request: Message, images: list[ImageSlot]
-    ) -> AsyncJobHandle:
-        for slot in images:
-            getattr(slot.parent, slot.field).CopyFrom(await self._image_ref(slot.value))
-        call = getattr(self._stubs[service], method)
-        return await AsyncJobHandle(self, lambda: call(request, metadata=self._metadata))._start()
+    async def _upload_prepared(self, prepared: c.PreparedImage) -> image_pb2.Asset:
+        assert prepared.data is not None
+        if prepared.digest not in self._uploaded:
+            try:
+                asset = await self._stubs["AssetService"].UploadAsset(
+                    c.upload_requests(prepared.data), metadata=self._metadata
+                )
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from err
+            self._uploaded[prepared.digest] = asset
+        return self._uploaded[prepared.digest]
+
+    async def _open_job(self, call: JobCall[Any]) -> Any:
+        """Run the call's dependencies, upload its images, open its capability stream."""
+        for dependency in call.dependencies:
+            dependency.fill(await AsyncJobHandle(self, dependency.call).wait())
+        for slot in call.images:
+            slot.fill(await self._image_ref(slot.value))
+        return getattr(self._stubs[call.service], call.method)(call.request, metadata=self._metadata)
+
+    def _submit(self, call: JobCall[Any]) -> AsyncJobHandle[Any]:
+        return AsyncJobHandle(self, call)
 
     async def close(self) -> None:
         """Close the channel (if the client made it)."""
         if self._owns_channel:
-            await self.channel.close()
+            await self.channel.close(None)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -296,7 +333,7 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
 
     # -- jobs -------------------------------------------------------------------------------
 
-    def attach(self, job: str | job_pb2.Job, after_seq: int = 0) -> AsyncJobHandle:
+    def attach(self, job: c.JobRef, after_seq: int = 0) -> AsyncJobHandle[Result]:
         """A handle on an existing job, replaying its events after ``after_seq``.
 
         Example::
@@ -306,65 +343,48 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
         """
         return AsyncJobHandle(self, name=c.job_name(job), after_seq=after_seq)
 
-    def watch_job(self, job: str | job_pb2.Job, after_seq: int = 0) -> AsyncJobHandle:
+    def watch_job(self, job: c.JobRef, after_seq: int = 0) -> AsyncJobHandle[Result]:
         """Same as :meth:`attach`."""
         return self.attach(job, after_seq)
 
-    async def get_job(self, name: str | job_pb2.Job) -> job_pb2.Job:
-        """One job by name."""
-        return await self._unary("JobService", "GetJob", job_service_pb2.GetJobRequest(name=c.job_name(name)))
+    async def get_job(self, name: c.JobRef) -> job_pb2.Job:
+        """One job by name: ``await client.get_job("jobs/42")``."""
+        return await self._unary(_calls.get_job(name))
+
+    def iter_jobs(
+        self, states: Iterable[int | str] = (), capability: str = "", limit: int | None = None
+    ) -> AsyncIterator[job_pb2.Job]:
+        """Jobs newest first, fetching pages as the caller iterates (``limit`` None: all of them).
+
+        Example::
+
+            async for job in client.iter_jobs(states=["failed"]):
+                print(job.name)
+        """
+        return self._pages(_calls.list_jobs(states, capability, limit))
 
     async def list_jobs(
         self, states: Iterable[int | str] = (), capability: str = "", limit: int | None = 50
     ) -> list[job_pb2.Job]:
-        """Jobs newest first, filtered by state and capability.
+        """Jobs newest first, filtered by state and capability: ``await client.list_jobs(states=["running"])``."""
+        return [job async for job in self.iter_jobs(states, capability, limit)]
 
-        Example::
-
-            running = await client.list_jobs(states=["running"])
-        """
-        request = job_service_pb2.ListJobsRequest(states=[c.job_state(s) for s in states], capability=capability)
-        return await self._collect_pages("ListJobs", request, "jobs", limit)
-
-    async def cancel_job(self, name: str | job_pb2.Job) -> job_pb2.Job:
+    async def cancel_job(self, name: c.JobRef) -> job_pb2.Job:
         """Cancel a queued job at once or a running one at its next step."""
-        return await self._unary("JobService", "CancelJob", job_service_pb2.CancelJobRequest(name=c.job_name(name)))
+        return await self._unary(_calls.cancel_job(name))
 
-    async def approve_output(
-        self, job: str | job_pb2.Job | AsyncJobHandle, index: int = 0, approved: bool = True
-    ) -> job_pb2.Job:
-        """Mark (or unmark) one output of a finished job as chosen.
-
-        Example::
-
-            await client.approve_output("jobs/42", index=1)
-        """
-        request = job_service_pb2.ApproveOutputRequest(job=c.job_name(job), index=index, approved=approved)
-        return await self._unary("JobService", "ApproveOutput", request)
+    async def approve_output(self, job: c.JobRef, index: int = 0, approved: bool = True) -> job_pb2.Job:
+        """Mark (or unmark) one output of a finished job: ``await client.approve_output("jobs/42", 1)``."""
+        return await self._unary(_calls.approve_output(job, index, approved))
 
     async def list_approved(self, limit: int | None = 50) -> list[job_service_pb2.ApprovedOutput]:
         """Approved outputs, newest job first."""
-        request = job_service_pb2.ListApprovedOutputsRequest()
-        return await self._collect_pages("ListApprovedOutputs", request, "outputs", limit)
-
-    async def _collect_pages(self, method: str, request: Any, field: str, limit: int | None) -> list[Any]:
-        """The ``field`` items of a paged JobService list call, up to ``limit`` (None: all)."""
-        out: list[Any] = []
-        request.page_size = min(limit or 0, 1000)
-        while True:
-            page = await self._unary("JobService", method, request)
-            for item in getattr(page, field):
-                out.append(item)
-                if limit is not None and len(out) >= limit:
-                    return out
-            if not page.next_page_token:
-                return out
-            request.page_token = page.next_page_token
+        return [item async for item in self._pages(_calls.list_approved(limit))]
 
     # -- assets -----------------------------------------------------------------------------
 
     async def upload(self, source: c.ImageInput) -> image_pb2.Asset:
-        """Store an image (path, bytes or PIL image) in chunks of 256 KiB; returns its Asset."""
+        """Store an image (path, bytes or PIL image) in chunks of 256 KiB: ``await client.upload("a.png")``."""
         prepared = c.prepare_image(source)
         if prepared.asset is not None:
             return await self.get_asset(prepared.asset)
@@ -387,19 +407,13 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
 
     async def get_asset(self, name: str | image_pb2.Asset) -> image_pb2.Asset:
         """An asset's metadata."""
-        return await self._unary("AssetService", "GetAsset", asset_service_pb2.GetAssetRequest(name=c.asset_name(name)))
+        return await self._unary(_calls.get_asset(name))
 
     # -- system and styles ------------------------------------------------------------------
 
     async def status(self) -> system_service_pb2.GetStatusResponse:
-        """A snapshot of the server: device, profile, memory, loaded models, queue.
-
-        Example::
-
-            s = await client.status()
-            print(s.device, s.profile)
-        """
-        return await self._unary("SystemService", "GetStatus", system_service_pb2.GetStatusRequest())
+        """A snapshot of the server: ``(await client.status()).profile``."""
+        return await self._unary(_calls.get_status())
 
     async def watch_status(self, interval_ms: int = 1000) -> AsyncIterator[system_service_pb2.GetStatusResponse]:
         """Status snapshots every ``interval_ms`` until the caller stops iterating."""
@@ -415,13 +429,12 @@ class AsyncClient(Capabilities[Awaitable[AsyncJobHandle]]):
 
     async def list_models(self) -> list[system_service_pb2.ModelInfo]:
         """Every model the registry knows for the active profile."""
-        return list((await self._unary("SystemService", "ListModels", system_service_pb2.ListModelsRequest())).models)
+        return await self._unary(_calls.list_models())
 
     async def unload_models(self, keys: Iterable[str] = ()) -> system_service_pb2.UnloadModelsResponse:
         """Free resident models: those named, or all of them."""
-        request = system_service_pb2.UnloadModelsRequest(keys=list(keys))
-        return await self._unary("SystemService", "UnloadModels", request)
+        return await self._unary(_calls.unload_models(keys))
 
     async def list_styles(self) -> list[style_service_pb2.Style]:
         """The style LoRAs requests can stack."""
-        return list((await self._unary("StyleService", "ListStyles", style_service_pb2.ListStylesRequest())).styles)
+        return await self._unary(_calls.list_styles())

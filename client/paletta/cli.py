@@ -93,7 +93,7 @@ class ProgressBar:
 
 def follow(
     client: Client,
-    job: JobHandle,
+    job: JobHandle[Any],
     *,
     out: Path | None,
     progress: bool,
@@ -118,7 +118,7 @@ def follow(
     return job.wait(), written
 
 
-def run_job(client: Client, args: argparse.Namespace, job: JobHandle, **kwargs: Any) -> int:
+def run_job(client: Client, args: argparse.Namespace, job: JobHandle[Any], **kwargs: Any) -> int:
     """Follow a job to its end; Ctrl-C cancels it."""
     print(f"{job.name}", file=sys.stderr)
     try:
@@ -330,8 +330,8 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # Imported here so that client commands never load the server (nor, through it, anything heavy).
-    from paletta_server.config import load_config
-    from paletta_server.main import serve
+    from paletta_server.config import load_config  # type: ignore[import-untyped,unused-ignore]
+    from paletta_server.main import serve  # type: ignore[import-untyped,unused-ignore]
 
     config = load_config(
         args.data_dir,

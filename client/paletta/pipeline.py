@@ -6,36 +6,48 @@ Example::
     [auto_mask] the knight
     [inpaint] in obsidian cyborg armor with neon glow
 
-Modes: generate, edit (alias kontext), qwen (alias qwen_edit), inpaint, auto_mask, upscale,
-remove_bg. A line with no mode (or an empty one, ``[|tarot]``) is ``generate`` when nothing came
-before it and no starting image is given, else ``edit``. The style slot takes ``name`` or
-``name:weight``; the server refuses styles on modes that don't support them.
+Modes: generate, edit (alias kontext), qwen (alias qwen_edit), inpaint, auto_mask (alias
+segment), upscale, remove_bg (alias remove_background). A line with no mode (or an empty one,
+``[|tarot]``) is ``generate`` when nothing came before it and no starting image is given, else
+``edit``. The style slot takes ``name`` or ``name:weight``; the server refuses styles on modes
+that don't support them. Each line becomes a :class:`~paletta.v1.job_spec_pb2.JobSpec`; an
+``auto_mask`` line is a ``segment`` step, whose mask the next ``inpaint`` step takes.
 """
 
 from __future__ import annotations
 
 import re
 
+from google.protobuf.message import Message
+
 from paletta import _common as c
 from paletta.v1 import (
-    background_service_pb2,
-    edit_service_pb2,
-    generate_service_pb2,
-    inpaint_service_pb2,
-    pipeline_service_pb2,
-    qwen_edit_service_pb2,
-    segment_service_pb2,
-    upscale_service_pb2,
+    background_pb2,
+    edit_pb2,
+    generate_pb2,
+    image_pb2,
+    inpaint_pb2,
+    job_spec_pb2,
+    qwen_edit_pb2,
+    segment_pb2,
+    upscale_pb2,
 )
 
 _LINE = re.compile(r"^\s*(?:\[(?P<mode>[a-z_]*)\s*(?:\|\s*(?P<style>[^\]]*))?\])?\s*(?P<text>.*?)\s*$")
-_ALIASES = {"kontext": "edit", "qwen_edit": "qwen", "remove_background": "remove_bg"}
+_ALIASES = {"kontext": "edit", "qwen_edit": "qwen", "remove_background": "remove_bg", "segment": "auto_mask"}
 MODES = ("generate", "edit", "qwen", "inpaint", "auto_mask", "upscale", "remove_bg")
 
+# JobSpec field of each capability request type, read from the oneof itself.
+_SPEC_FIELDS = {
+    f.message_type.full_name: f.name
+    for f in job_spec_pb2.JobSpec.DESCRIPTOR.oneofs_by_name["spec"].fields
+    if f.message_type is not None
+}
 
-def parse(script: str, *, has_image: bool = False) -> list[pipeline_service_pb2.PipelineStep]:
+
+def parse(script: str, *, has_image: bool = False) -> list[job_spec_pb2.JobSpec]:
     """Turn a pipeline script into steps; raises ValueError naming the line of a mistake."""
-    steps: list[pipeline_service_pb2.PipelineStep] = []
+    steps: list[job_spec_pb2.JobSpec] = []
     for number, line in enumerate(script.splitlines(), start=1):
         if not line.strip():
             continue
@@ -53,18 +65,30 @@ def parse(script: str, *, has_image: bool = False) -> list[pipeline_service_pb2.
     return steps
 
 
-def _step(mode: str, text: str, styles: list) -> pipeline_service_pb2.PipelineStep:
-    step = pipeline_service_pb2.PipelineStep
+def to_spec(step: job_spec_pb2.JobSpec | Message) -> job_spec_pb2.JobSpec:
+    """A JobSpec from a JobSpec or a capability request (``SegmentRequest`` → ``JobSpec(segment=…)``)."""
+    if isinstance(step, job_spec_pb2.JobSpec):
+        return step
+    name = _SPEC_FIELDS.get(step.DESCRIPTOR.full_name)
+    if name is None or name == "pipeline":
+        raise TypeError(f"{type(step).__name__} is not a pipeline step")
+    spec = job_spec_pb2.JobSpec()
+    getattr(spec, name).CopyFrom(step)
+    return spec
+
+
+def _step(mode: str, text: str, styles: list[image_pb2.StyleSelection]) -> job_spec_pb2.JobSpec:
+    spec = job_spec_pb2.JobSpec
     if mode == "generate":
-        return step(generate=generate_service_pb2.GenerateRequest(prompt=text, styles=styles))
+        return spec(generate=generate_pb2.GenerateRequest(prompt=text, styles=styles))
     if mode == "edit":
-        return step(edit=edit_service_pb2.EditRequest(prompt=text, styles=styles))
+        return spec(edit=edit_pb2.EditRequest(prompt=text, styles=styles))
     if mode == "qwen":
-        return step(qwen_edit=qwen_edit_service_pb2.QwenEditServiceEditRequest(prompt=text, styles=styles))
+        return spec(qwen_edit=qwen_edit_pb2.QwenEditServiceEditRequest(prompt=text, styles=styles))
     if mode == "inpaint":
-        return step(inpaint=inpaint_service_pb2.InpaintRequest(prompt=text, styles=styles))
+        return spec(inpaint=inpaint_pb2.InpaintRequest(prompt=text, styles=styles))
     if mode == "auto_mask":
-        return step(auto_mask=segment_service_pb2.SegmentRequest(text=text))
+        return spec(segment=segment_pb2.SegmentRequest(text=text))
     if mode == "upscale":
-        return step(upscale=upscale_service_pb2.UpscaleRequest())
-    return step(remove_background=background_service_pb2.RemoveBackgroundRequest())
+        return spec(upscale=upscale_pb2.UpscaleRequest())
+    return spec(remove_background=background_pb2.RemoveBackgroundRequest())
