@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import grpc
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
@@ -24,9 +24,9 @@ def kinds(events: list[job_pb2.JobEvent]) -> list[str]:
     return [e.WhichOneof("kind") for e in events]
 
 
-def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    """BadRequest field → description from a rich error status."""
-    status = rpc_status.from_call(error)
+def field_violations(error: grpc.aio.AioRpcError | status_pb2.Status) -> dict[str, str]:
+    """BadRequest field → description from a rich error status (a call's, or a failed job's Job.error)."""
+    status = error if isinstance(error, status_pb2.Status) else rpc_status.from_call(error)
     found: dict[str, str] = {}
     for detail in status.details if status else []:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
@@ -36,14 +36,20 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
     return found
 
 
-def error_reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
+def error_info(error: grpc.aio.AioRpcError | status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
+    status = error if isinstance(error, status_pb2.Status) else rpc_status.from_call(error)
     for detail in status.details if status else []:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return info.reason
-    return ""
+            return info
+    return None
+
+
+def error_reason(error: grpc.aio.AioRpcError | status_pb2.Status) -> str:
+    """The ErrorInfo reason of a call's error or of a failed job's Job.error ("" without one)."""
+    info = error_info(error)
+    return info.reason if info is not None else ""
 
 
 async def download(channel: grpc.aio.Channel, name: str) -> bytes:

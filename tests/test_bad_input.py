@@ -9,9 +9,9 @@ from PIL import Image
 
 from paletta.v1 import asset_service_pb2 as asset_pb
 from paletta.v1 import asset_service_pb2_grpc as asset_grpc
-from paletta.v1 import generate_service_pb2 as gen
+from paletta.v1 import generate_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
-from paletta.v1 import image_pb2, job_pb2
+from paletta.v1 import image_pb2, job_options_pb2, job_pb2
 from tests.helpers import collect, error_reason, field_violations, png_bytes, upload
 
 GOOD = dict(prompt="a knight", width=64, height=64, steps=2, seed=1)
@@ -161,8 +161,8 @@ async def test_sixteen_bit_images_are_an_unsupported_mode(server):
 async def test_unknown_priority(server):
     stub = gen_grpc.GenerateServiceStub(server.channel)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await collect(stub.Generate(gen.GenerateRequest(**GOOD, priority=99)))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority" in field_violations(err.value)
+        await collect(stub.Generate(gen.GenerateRequest(**GOOD, options=job_options_pb2.JobOptions(priority=99))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "options.priority" in field_violations(err.value)
 
 
 

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paletta.v1 import control_service_pb2 as ctl
+from paletta.v1 import control_pb2 as ctl
 from paletta.v1 import control_service_pb2_grpc as ctl_grpc
-from paletta.v1 import edit_service_pb2 as edit_pb
+from paletta.v1 import edit_pb2 as edit_pb
 from paletta.v1 import edit_service_pb2_grpc as edit_grpc
-from paletta.v1 import generate_service_pb2 as gen
+from paletta.v1 import generate_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta.v1 import image_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
-from paletta.v1 import inpaint_service_pb2 as inp
+from paletta.v1 import inpaint_pb2 as inp
 from paletta.v1 import inpaint_service_pb2_grpc as inp_grpc
-from paletta.v1 import qwen_edit_service_pb2 as qwen_pb
+from paletta.v1 import qwen_edit_pb2 as qwen_pb
 from paletta.v1 import qwen_edit_service_pb2_grpc as qwen_grpc
 from tests.helpers import collect, download_image, field_violations, kinds
 

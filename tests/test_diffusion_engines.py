@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paletta.v1 import control_service_pb2 as control_pb
+from paletta.v1 import control_pb2 as control_pb
 from paletta.v1 import image_pb2
 from paletta_server.capabilities import diffusion_io
 from paletta_server.capabilities.inpaint import outpaint_canvas
-from paletta_server.engines.common import Device, LoadContext, ModelSource, import_object
+from paletta_server.engines.common import import_object
 from paletta_server.errors import JobCancelled, ModelUnavailable
 from paletta_server.models.profiles import PROFILES
 from paletta_server.models.registry import SPECS
 from paletta_server.models.styles import StyleRegistry
+from paletta_server.models.types import Device, LoadContext, ModelSource
 
 KEYS = ["flux-schnell", "flux-kontext", "flux-fill", "flux-dev", "flux-controlnet-union", "ip-adapter",
         "clip-vit-large", "hyper-sd", "qwen-image-edit"]

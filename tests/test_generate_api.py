@@ -5,7 +5,7 @@ import json
 
 from PIL import Image
 
-from paletta.v1 import generate_service_pb2 as gen
+from paletta.v1 import generate_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta.v1 import job_pb2
 from tests.helpers import collect, download, download_image, kinds

@@ -7,9 +7,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from paletta.v1 import generate_service_pb2 as gen
+from paletta.v1 import generate_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
-from paletta.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+from paletta.v1 import job_options_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 from tests.helpers import collect, error_reason, field_violations, kinds
 
 SLOW = dict(prompt="slow", width=256, height=256, steps=100, seed=1)
@@ -73,15 +73,15 @@ async def test_watch_replays_missed_events_then_follows(server):
     stream = gen_stub.Generate(gen.GenerateRequest(**{**SLOW, "steps": 12, "width": 128, "height": 128}))
     name, seq = await first_denoise_step(stream)
     stream.cancel()  # the client drops; the job goes on
-    watchers = [collect(jobs.WatchJob(job_service_pb2.WatchJobRequest(job=name, after_seq=seq))) for _ in range(3)]
-    full = collect(jobs.WatchJob(job_service_pb2.WatchJobRequest(job=name)))
+    watchers = [collect(jobs.WatchJob(job_service_pb2.WatchJobRequest(name=name, after_seq=seq))) for _ in range(3)]
+    full = collect(jobs.WatchJob(job_service_pb2.WatchJobRequest(name=name)))
     results = await asyncio.gather(*watchers, full)
     for events in results[:3]:
         assert [e.seq for e in events] == list(range(seq + 1, seq + 1 + len(events)))
         assert events[-1].finished.job.state == job_pb2.JOB_STATE_SUCCEEDED
     assert [e.seq for e in results[3]] == list(range(1, results[3][-1].seq + 1))
     # After the job finished, a watch replays the same events and ends.
-    late = await collect(jobs.WatchJob(job_service_pb2.WatchJobRequest(job=name, after_seq=seq)))
+    late = await collect(jobs.WatchJob(job_service_pb2.WatchJobRequest(name=name, after_seq=seq)))
     assert [e.SerializeToString() for e in late] == [e.SerializeToString() for e in results[0]]
     # The stored log keeps every event but drops previews' pixels once the job is over.
     stored = [job_pb2.JobEvent.FromString(d) for d in server.app.store.events_after(name[5:], 0)]
@@ -98,7 +98,7 @@ async def test_disconnect_does_not_cancel_unless_asked(server):
     keep_name, _ = await first_denoise_step(keep)
     keep.cancel()
     assert (await wait_state(jobs, keep_name, job_pb2.JOB_STATE_SUCCEEDED)).outputs
-    drop = gen_stub.Generate(gen.GenerateRequest(**SLOW, cancel_on_disconnect=True))
+    drop = gen_stub.Generate(gen.GenerateRequest(**SLOW, options=job_options_pb2.JobOptions(cancel_on_disconnect=True)))
     drop_name, _ = await first_denoise_step(drop)
     drop.cancel()
     await wait_state(jobs, drop_name, job_pb2.JOB_STATE_CANCELLED)
@@ -107,7 +107,8 @@ async def test_disconnect_does_not_cancel_unless_asked(server):
 async def test_repeated_request_id_reattaches(server):
     gen_stub = gen_grpc.GenerateServiceStub(server.channel)
     jobs = job_service_pb2_grpc.JobServiceStub(server.channel)
-    req = gen.GenerateRequest(**{**SLOW, "steps": 6, "width": 128, "height": 128}, request_id="client-42")
+    req = gen.GenerateRequest(**{**SLOW, "steps": 6, "width": 128, "height": 128},
+                              options=job_options_pb2.JobOptions(request_id="client-42"))
     first = gen_stub.Generate(req)
     name, _ = await first_denoise_step(first)
     again = await collect(gen_stub.Generate(req))
@@ -148,15 +149,15 @@ async def test_approve_outputs_and_list_them(server):
     jobs = job_service_pb2_grpc.JobServiceStub(server.channel)
     events = await collect(gen_stub.Generate(gen.GenerateRequest(**{**QUICK, "variants": 3})))
     name = events[0].job
-    job = await jobs.ApproveOutput(job_service_pb2.ApproveOutputRequest(job=name, index=1, approved=True))
+    job = await jobs.ApproveOutput(job_service_pb2.ApproveOutputRequest(name=name, index=1, approved=True))
     assert [o.approved for o in job.outputs] == [False, True, False]
     approved = await jobs.ListApprovedOutputs(job_service_pb2.ListApprovedOutputsRequest())
     assert [(a.job, a.output.index) for a in approved.outputs] == [(name, 1)]
     assert approved.outputs[0].output.asset.name == job.outputs[1].asset.name
-    await jobs.ApproveOutput(job_service_pb2.ApproveOutputRequest(job=name, index=1, approved=False))
+    await jobs.ApproveOutput(job_service_pb2.ApproveOutputRequest(name=name, index=1, approved=False))
     assert not (await jobs.ListApprovedOutputs(job_service_pb2.ListApprovedOutputsRequest())).outputs
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await jobs.ApproveOutput(job_service_pb2.ApproveOutputRequest(job=name, index=7, approved=True))
+        await jobs.ApproveOutput(job_service_pb2.ApproveOutputRequest(name=name, index=7, approved=True))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -169,7 +170,7 @@ async def test_unknown_and_malformed_job_names(server):
         await jobs.GetJob(job_service_pb2.GetJobRequest(name="jobs/../x"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "name" in field_violations(err.value)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await collect(jobs.WatchJob(job_service_pb2.WatchJobRequest(job="jobs/" + "e" * 32)))
+        await collect(jobs.WatchJob(job_service_pb2.WatchJobRequest(name="jobs/" + "e" * 32)))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 

@@ -8,21 +8,21 @@ import pytest
 from google.rpc import error_details_pb2
 
 from paletta.v1 import (
-    background_service_pb2,
-    caption_service_pb2,
-    control_service_pb2,
-    detect_service_pb2,
-    edit_service_pb2,
-    generate_service_pb2,
+    background_pb2,
+    caption_pb2,
+    control_pb2,
+    detect_pb2,
+    edit_pb2,
+    generate_pb2,
     image_pb2,
-    inpaint_service_pb2,
+    inpaint_pb2,
     job_pb2,
-    prompt_service_pb2,
-    qwen_edit_service_pb2,
-    segment_service_pb2,
+    prompt_pb2,
+    qwen_edit_pb2,
+    segment_pb2,
     system_service_pb2,
     system_service_pb2_grpc,
-    upscale_service_pb2,
+    upscale_pb2,
 )
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta_server.api.capabilities import CAPABILITY_RPCS
@@ -32,22 +32,22 @@ from tests.helpers import collect, png_bytes, upload
 def requests(image: image_pb2.ImageRef, mask: image_pb2.ImageRef) -> dict[str, tuple[object, str]]:
     """capability → (a valid request, the model it needs)."""
     return {
-        "generate": (generate_service_pb2.GenerateRequest(prompt="a", width=64, height=64), "flux-schnell"),
-        "edit": (edit_service_pb2.EditRequest(image=image, prompt="b"), "flux-kontext"),
-        "inpaint": (inpaint_service_pb2.InpaintRequest(image=image, mask=mask, prompt="c"), "flux-fill"),
-        "outpaint": (inpaint_service_pb2.OutpaintRequest(image=image, left=16), "flux-fill"),
-        "qwen_edit": (qwen_edit_service_pb2.QwenEditServiceEditRequest(image=image, prompt="d"), "qwen-image-edit"),
-        "control": (control_service_pb2.ControlRequest(control_image=image, prompt="e",
-                                                       control_type=control_service_pb2.CONTROL_TYPE_CANNY),
+        "generate": (generate_pb2.GenerateRequest(prompt="a", width=64, height=64), "flux-schnell"),
+        "edit": (edit_pb2.EditRequest(image=image, prompt="b"), "flux-kontext"),
+        "inpaint": (inpaint_pb2.InpaintRequest(image=image, mask=mask, prompt="c"), "flux-fill"),
+        "outpaint": (inpaint_pb2.OutpaintRequest(image=image, left=16), "flux-fill"),
+        "qwen_edit": (qwen_edit_pb2.QwenEditServiceEditRequest(image=image, prompt="d"), "qwen-image-edit"),
+        "control": (control_pb2.ControlRequest(control_image=image, prompt="e",
+                                                       control_type=control_pb2.CONTROL_TYPE_CANNY),
                     "flux-controlnet-union"),
-        "upscale": (upscale_service_pb2.UpscaleRequest(image=image), "realesrgan-x4plus"),
-        "remove_background": (background_service_pb2.RemoveBackgroundRequest(image=image), "birefnet-general"),
-        "segment": (segment_service_pb2.SegmentRequest(image=image, text="sky"), "clipseg"),
-        "detect": (detect_service_pb2.DetectRequest(image=image), "detr-resnet-50"),
-        "ground": (detect_service_pb2.GroundRequest(image=image, queries=["a dragon"]), "owlv2"),
-        "caption": (caption_service_pb2.CaptionRequest(image=image), "blip-large"),
-        "analyze": (caption_service_pb2.AnalyzeRequest(image=image), "blip-large"),
-        "expand": (prompt_service_pb2.ExpandRequest(prompt="knight"), "qwen2.5-1.5b-instruct"),
+        "upscale": (upscale_pb2.UpscaleRequest(image=image), "realesrgan-x4plus"),
+        "remove_background": (background_pb2.RemoveBackgroundRequest(image=image), "birefnet-general"),
+        "segment": (segment_pb2.SegmentRequest(image=image, text="sky"), "clipseg"),
+        "detect": (detect_pb2.DetectRequest(image=image), "detr-resnet-50"),
+        "ground": (detect_pb2.GroundRequest(image=image, queries=["a dragon"]), "owlv2"),
+        "caption": (caption_pb2.CaptionRequest(image=image), "blip-large"),
+        "analyze": (caption_pb2.AnalyzeRequest(image=image), "blip-large"),
+        "expand": (prompt_pb2.ExpandRequest(prompt="knight"), "qwen2.5-1.5b-instruct"),
     }
 
 
@@ -100,7 +100,7 @@ async def test_without_offline_mode_an_unreachable_hub_still_fails_fast(server_f
     handle = await server_factory(profile="quality")
     start = time.monotonic()
     events = await collect(gen_grpc.GenerateServiceStub(handle.channel).Generate(
-        generate_service_pb2.GenerateRequest(prompt="a", width=64, height=64)))
+        generate_pb2.GenerateRequest(prompt="a", width=64, height=64)))
     job = events[-1].finished.job
     assert job.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "flux-schnell" in job.error.message
     assert time.monotonic() - start < 30

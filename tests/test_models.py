@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from paletta_server.config import load_config
-from paletta_server.engines.common import Device
 from paletta_server.models.registry import ModelRegistry, ModelSpec, env_var
 from paletta_server.models.residency import ResidencyManager
+from paletta_server.models.types import Device
 
 MB = 1024 * 1024
 
@@ -28,7 +28,7 @@ def residency(tmp_path, monkeypatch):
     config = load_config(tmp_path, env={}, profile="quality", cpu_memory_budget_bytes=10 * MB)
     registry = ModelRegistry(config, env={})
     sizes = dict(zip("abc", (4, 4, 5), strict=True))
-    registry.specs = {k: ModelSpec(k, f"test/{k}", ("test",), f"tests.test_models:_load_{k}", "",
+    registry.specs = {k: ModelSpec(k, f"test/{k}", f"tests.test_models:_load_{k}", "",
                                    estimated_bytes=sizes[k] * MB) for k in "abc"}
     for key, size in sizes.items():
         monkeypatch.setattr(sys.modules[__name__], f"_load_{key}", linear_of(size), raising=False)

@@ -6,20 +6,21 @@ import grpc
 import pytest
 
 from paletta.v1 import (
-    edit_service_pb2,
-    generate_service_pb2,
+    edit_pb2,
+    generate_pb2,
     image_pb2,
-    inpaint_service_pb2,
+    inpaint_pb2,
+    job_options_pb2,
     job_pb2,
-    pipeline_service_pb2,
+    job_spec_pb2,
     pipeline_service_pb2_grpc,
-    segment_service_pb2,
-    upscale_service_pb2,
+    segment_pb2,
+    upscale_pb2,
 )
-from tests.helpers import collect, download_image, field_violations, png_bytes, upload
+from tests.helpers import collect, error_reason, download_image, field_violations, png_bytes, upload
 
-Step = pipeline_service_pb2.PipelineStep
-GEN = generate_service_pb2.GenerateRequest(prompt="a knight", width=64, height=48, steps=2, seed=3)
+Step = job_spec_pb2.JobSpec
+GEN = generate_pb2.GenerateRequest(prompt="a knight", width=64, height=48, steps=2, seed=3)
 
 
 def stub(server):
@@ -27,10 +28,10 @@ def stub(server):
 
 
 async def test_generate_auto_mask_inpaint_chain(server):
-    request = pipeline_service_pb2.RunPipelineRequest(steps=[
+    request = job_spec_pb2.RunPipelineRequest(steps=[
         Step(generate=GEN),
-        Step(auto_mask=segment_service_pb2.SegmentRequest(text="the knight", threshold=0.0)),
-        Step(inpaint=inpaint_service_pb2.InpaintRequest(prompt="obsidian armor", steps=2, seed=5)),
+        Step(segment=segment_pb2.SegmentRequest(text="the knight", threshold=0.0)),
+        Step(inpaint=inpaint_pb2.InpaintRequest(prompt="obsidian armor", steps=2, seed=5)),
     ])
     events = await collect(stub(server).RunPipeline(request))
     job = events[-1].finished.job
@@ -50,9 +51,9 @@ async def test_generate_auto_mask_inpaint_chain(server):
 
 async def test_starting_image_chains_through_upscale_and_edit(server):
     start = await upload(server.channel, png_bytes((32, 16)))
-    request = pipeline_service_pb2.RunPipelineRequest(image=image_pb2.ImageRef(asset=start.name), steps=[
-        Step(upscale=upscale_service_pb2.UpscaleRequest(upscaler=image_pb2.UPSCALER_LANCZOS, scale=2)),
-        Step(edit=edit_service_pb2.EditRequest(prompt="make it night", steps=2, seed=1)),
+    request = job_spec_pb2.RunPipelineRequest(image=image_pb2.ImageRef(asset=start.name), steps=[
+        Step(upscale=upscale_pb2.UpscaleRequest(upscaler=image_pb2.UPSCALER_LANCZOS, scale=2)),
+        Step(edit=edit_pb2.EditRequest(prompt="make it night", steps=2, seed=1)),
     ])
     events = await collect(stub(server).RunPipeline(request))
     outputs = [e.output for e in events if e.HasField("output")]
@@ -62,34 +63,36 @@ async def test_starting_image_chains_through_upscale_and_edit(server):
 
 
 @pytest.mark.parametrize("steps, field", [
-    ([Step(inpaint=inpaint_service_pb2.InpaintRequest(prompt="x"))], "steps[0].inpaint.image"),
-    ([Step(generate=GEN), Step(inpaint=inpaint_service_pb2.InpaintRequest(prompt="x"))], "steps[1].inpaint.mask"),
-    ([Step(generate=GEN), Step(generate=generate_service_pb2.GenerateRequest(prompt=""))], "steps[1].generate.prompt"),
-    ([Step(generate=generate_service_pb2.GenerateRequest(prompt="a", request_id="r"))],
-     "steps[0].generate.request_id"),
-    ([Step(edit=edit_service_pb2.EditRequest(prompt="x"))], "steps[0].edit.image"),
+    ([Step(inpaint=inpaint_pb2.InpaintRequest(prompt="x"))], "steps[0].inpaint.image"),
+    ([Step(generate=GEN), Step(inpaint=inpaint_pb2.InpaintRequest(prompt="x"))], "steps[1].inpaint.mask"),
+    ([Step(generate=GEN), Step(generate=generate_pb2.GenerateRequest(prompt=""))], "steps[1].generate.prompt"),
+    ([Step(generate=generate_pb2.GenerateRequest(prompt="a", options=job_options_pb2.JobOptions(request_id="r")))],
+     "steps[0].generate.options"),
+    ([Step(edit=edit_pb2.EditRequest(prompt="x"))], "steps[0].edit.image"),
     ([Step()], "steps[0]"),
     ([], "steps"),
 ])
 async def test_every_step_is_validated_before_anything_runs(server, steps, field):
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await collect(stub(server).RunPipeline(pipeline_service_pb2.RunPipelineRequest(steps=steps)))
+        await collect(stub(server).RunPipeline(job_spec_pb2.RunPipelineRequest(steps=steps)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in field_violations(err.value)
     assert server.app.store.count("QUEUED") + server.app.store.count("SUCCEEDED") == 0
 
 
 async def test_auto_mask_that_selects_nothing_fails_the_inpaint_step(server):
-    request = pipeline_service_pb2.RunPipelineRequest(steps=[
+    request = job_spec_pb2.RunPipelineRequest(steps=[
         Step(generate=GEN),
-        Step(auto_mask=segment_service_pb2.SegmentRequest(text="a dragon", threshold=1.0)),
-        Step(inpaint=inpaint_service_pb2.InpaintRequest(prompt="fire", steps=2)),
+        Step(segment=segment_pb2.SegmentRequest(text="a dragon", threshold=1.0)),
+        Step(inpaint=inpaint_pb2.InpaintRequest(prompt="fire", steps=2)),
     ])
     events = await collect(stub(server).RunPipeline(request))
     job = events[-1].finished.job
     assert job.state == job_pb2.JOB_STATE_FAILED
     assert job.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert "steps[2].inpaint.mask" in job.error.message
+    # The stored Status keeps its details: the field violation, not just the message.
+    assert list(field_violations(job.error)) == ["steps[2].inpaint.mask"]
+    assert error_reason(job.error) == "INVALID_ARGUMENT"
     assert len(job.outputs) == 2  # the generated image and the (empty) mask are kept
 
 
@@ -104,13 +107,13 @@ def test_pipeline_script_parses_the_seed_syntax():
         [kontext|ghibsky:0.7] make it golden hour
         add film grain
     """)
-    assert [s.WhichOneof("step") for s in steps] == ["generate", "auto_mask", "inpaint", "edit", "edit"]
+    assert [s.WhichOneof("spec") for s in steps] == ["generate", "segment", "inpaint", "edit", "edit"]
     assert steps[0].generate.prompt == "knight in stormy mountain pass"
     assert [(x.name, x.HasField("weight")) for x in steps[0].generate.styles] == [("tarot", False)]
-    assert steps[1].auto_mask.text == "the knight"
+    assert steps[1].segment.text == "the knight"
     assert steps[3].edit.styles[0].name == "ghibsky" and steps[3].edit.styles[0].weight == pytest.approx(0.7)
     assert steps[4].edit.prompt == "add film grain"
-    assert parse("make it night", has_image=True)[0].WhichOneof("step") == "edit"
+    assert parse("make it night", has_image=True)[0].WhichOneof("spec") == "edit"
     with pytest.raises(ValueError, match="line 1: unknown mode 'paint'"):
         parse("[paint] a cat")
 
@@ -120,7 +123,7 @@ async def test_sdk_runs_a_pipeline_script(server):
 
     client = AsyncClient(server.address)
     try:
-        steps = [Step(generate=GEN), Step(upscale=upscale_service_pb2.UpscaleRequest(scale=2))]
+        steps = [Step(generate=GEN), Step(upscale=upscale_pb2.UpscaleRequest(scale=2))]
         job = await client.pipeline(steps)
         outputs = [o async for o in job.outputs()]
     finally:

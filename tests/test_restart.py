@@ -13,7 +13,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from paletta.v1 import generate_service_pb2 as gen
+from paletta.v1 import generate_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from tests.conftest import link_tiny_models
@@ -82,7 +82,7 @@ async def test_kill_9_then_restart(tmp_path, tiny_models_dir):
         info = error_details_pb2.ErrorInfo()
         assert interrupted.error.details[0].Unpack(info) and info.reason == "INTERRUPTED"
         for name in queued_names:
-            events = await collect(jobs.WatchJob(job_service_pb2.WatchJobRequest(job=name)))
+            events = await collect(jobs.WatchJob(job_service_pb2.WatchJobRequest(name=name)))
             assert [e.seq for e in events] == list(range(1, len(events) + 1))
             assert events[0].HasField("queued") and events[1].HasField("queued")  # before and after the restart
             assert events[-1].finished.job.state == job_pb2.JOB_STATE_SUCCEEDED

@@ -7,7 +7,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from paletta.v1 import generate_service_pb2 as gen
+from paletta.v1 import generate_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta.v1 import job_pb2, style_service_pb2, style_service_pb2_grpc
 from paletta.v1 import system_service_pb2 as sys_pb
@@ -132,12 +132,12 @@ async def test_eviction_shows_in_job_events_and_status(server_factory):
     # A budget smaller than two tiny models: loading the second evicts the first.
     handle = await server_factory(cpu_memory_budget_bytes=1_000_000)
     await collect(gen_grpc.GenerateServiceStub(handle.channel).Generate(gen.GenerateRequest(**QUICK)))
-    from paletta.v1 import inpaint_service_pb2, inpaint_service_pb2_grpc
+    from paletta.v1 import inpaint_pb2, inpaint_service_pb2_grpc
     from tests.helpers import png_bytes, upload
 
     image = (await upload(handle.channel, png_bytes((64, 64)))).name
     events = await collect(inpaint_service_pb2_grpc.InpaintServiceStub(handle.channel).Outpaint(
-        inpaint_service_pb2.OutpaintRequest(image={"asset": image}, left=16, steps=1, seed=1)))
+        inpaint_pb2.OutpaintRequest(image={"asset": image}, left=16, steps=1, seed=1)))
     stages = [(e.progress.stage, e.progress.model, e.progress.step) for e in events if e.HasField("progress")
               and e.progress.stage in ("loading", "evicting")]
     # Tiny models have no size estimate, so room is made once flux-fill's bytes are measured.

@@ -7,18 +7,18 @@ import json
 import grpc
 import pytest
 
-from paletta.v1 import background_service_pb2 as bg
+from paletta.v1 import background_pb2 as bg
 from paletta.v1 import background_service_pb2_grpc as bg_grpc
-from paletta.v1 import caption_service_pb2 as cap
+from paletta.v1 import caption_pb2 as cap
 from paletta.v1 import caption_service_pb2_grpc as cap_grpc
-from paletta.v1 import detect_service_pb2 as det
+from paletta.v1 import detect_pb2 as det
 from paletta.v1 import detect_service_pb2_grpc as det_grpc
-from paletta.v1 import image_pb2, job_pb2
-from paletta.v1 import prompt_service_pb2 as prm
+from paletta.v1 import image_pb2, job_options_pb2, job_pb2
+from paletta.v1 import prompt_pb2 as prm
 from paletta.v1 import prompt_service_pb2_grpc as prm_grpc
-from paletta.v1 import segment_service_pb2 as seg
+from paletta.v1 import segment_pb2 as seg
 from paletta.v1 import segment_service_pb2_grpc as seg_grpc
-from paletta.v1 import upscale_service_pb2 as up
+from paletta.v1 import upscale_pb2 as up
 from paletta.v1 import upscale_service_pb2_grpc as up_grpc
 from tests.helpers import collect, download_image, error_reason, field_violations, png_bytes
 
@@ -43,7 +43,7 @@ async def test_upscale_realesrgan_tiles_with_progress(server, tiny_image_bytes):
     stub = up_grpc.UpscaleServiceStub(server.channel)
     events = await collect(stub.Upscale(up.UpscaleRequest(image=ref(tiny_image_bytes), tile=32, overlap=8)))
     job = succeeded(events)
-    assert job.capability == "upscale" and job.priority == image_pb2.PRIORITY_NORMAL
+    assert job.capability == "upscale" and job.priority == job_options_pb2.PRIORITY_NORMAL
     tiles = [e.progress for e in events if e.HasField("progress") and e.progress.stage == "tiling"]
     assert [p.step for p in tiles] == list(range(0, 7)) and {p.total_steps for p in tiles} == {6}  # 3 x 2 tiles
     loading = [e.progress.model for e in events if e.HasField("progress") and e.progress.stage == "loading"]
@@ -84,7 +84,7 @@ async def test_segment_mask_at_input_size(server):
     data = png_bytes((150, 84))
     events = await collect(stub.Segment(seg.SegmentRequest(image=ref(data), text="the sky", dilate=2, feather=1)))
     job = succeeded(events)
-    assert job.priority == image_pb2.PRIORITY_HIGH
+    assert job.priority == job_options_pb2.PRIORITY_HIGH
     (out,) = outputs(events)
     assert out.HasField("segmentation") and 0.0 <= out.segmentation.coverage <= 1.0
     mask = await download_image(server.channel, out.asset.name)
@@ -97,7 +97,7 @@ async def test_detect_and_ground_boxes_in_original_coordinates(server):
     stub = det_grpc.DetectServiceStub(server.channel)
     data = png_bytes((150, 84), (120, 200, 40))
     events = await collect(stub.Detect(det.DetectRequest(image=ref(data), threshold=0.0)))
-    assert succeeded(events).priority == image_pb2.PRIORITY_HIGH
+    assert succeeded(events).priority == job_options_pb2.PRIORITY_HIGH
     (out,) = outputs(events)
     assert not out.HasField("asset") and out.HasField("detections")
     found = out.detections
@@ -121,7 +121,7 @@ async def test_detect_and_ground_boxes_in_original_coordinates(server):
 async def test_caption_fast_deep_and_analyze(server, tiny_image_bytes):
     stub = cap_grpc.CaptionServiceStub(server.channel)
     events = await collect(stub.Caption(cap.CaptionRequest(image=ref(tiny_image_bytes), max_tokens=8)))
-    assert succeeded(events).priority == image_pb2.PRIORITY_HIGH
+    assert succeeded(events).priority == job_options_pb2.PRIORITY_HIGH
     (out,) = outputs(events)
     assert out.HasField("caption") and json.loads(out.parameters)["model"] == "blip-large"
     events = await collect(stub.Caption(cap.CaptionRequest(image=ref(tiny_image_bytes),
@@ -147,7 +147,7 @@ async def test_expand_is_deterministic_for_a_seed(server):
         if seed is not None:
             request.seed = seed
         events = await collect(stub.Expand(request))
-        assert succeeded(events).priority == image_pb2.PRIORITY_HIGH
+        assert succeeded(events).priority == job_options_pb2.PRIORITY_HIGH
         return outputs(events)[0]
 
     first, again, unset = await expand(5), await expand(5), await expand(None)

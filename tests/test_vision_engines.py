@@ -17,10 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from paletta_server.config import load_config  # noqa: E402
-from paletta_server.engines.common import Device, measure_bytes  # noqa: E402
+from paletta_server.engines.common import measure_bytes  # noqa: E402
 from paletta_server.errors import ModelUnavailable  # noqa: E402
 from paletta_server.models.registry import ModelRegistry, ModelSource  # noqa: E402
 from paletta_server.models.residency import ResidencyManager  # noqa: E402
+from paletta_server.models.types import Device  # noqa: E402
 
 KEYS = ["realesrgan-x4plus", "birefnet-general", "clipseg", "detr-resnet-50", "owlv2", "blip-large",
         "blip2-opt-2.7b", "qwen2.5-1.5b-instruct"]

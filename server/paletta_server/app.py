@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from paletta_server.capabilities import discover
 from paletta_server.capabilities.base import Capability, PrepareContext
 from paletta_server.config import Config
-from paletta_server.engines.common import Device
 from paletta_server.jobs.manager import JobManager
 from paletta_server.jobs.runner import DeviceWorker
 from paletta_server.jobs.store import JobStore
@@ -17,6 +16,7 @@ from paletta_server.models.profiles import PROFILES, Profile
 from paletta_server.models.registry import ModelRegistry
 from paletta_server.models.residency import ResidencyManager
 from paletta_server.models.styles import StyleRegistry
+from paletta_server.models.types import Device
 from paletta_server.storage import AssetStore
 
 
@@ -39,19 +39,18 @@ class PalettaApp:
             budget_function(self.device, config.cpu_memory_budget_bytes, config.cuda_reserve_bytes),
         )
         self.capabilities: dict[str, Capability] = discover()
-        self.manager = JobManager(
-            self.store, self.capabilities, max_queue=config.max_queue, lookahead=config.affinity_lookahead,
-            max_skips=config.max_skips, is_resident=self.residency.is_resident,
-        )
+        self.manager = JobManager(self.store, self.assets, max_queue=config.max_queue,
+                                  lookahead=config.affinity_lookahead, max_skips=config.max_skips)
         self.worker = DeviceWorker(self.manager, self.capabilities, self.residency, self.assets, config,
                                    self.profile, self.styles)
         self.prepare_context = PrepareContext(self.assets, self.profile, config, self.styles)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Recover persisted jobs and start the device worker; call from the serving loop."""
-        self.manager.loop = loop
-        self.manager.recover()
+        self.manager.start(loop)
         self.worker.start()
 
     def stop(self) -> None:
+        """Stop the worker, then store what it already reported (outputs included)."""
         self.worker.stop()
+        self.manager.stop()

@@ -1,8 +1,20 @@
-"""Domain errors. Every layer raises these; api/errors.py maps them to gRPC statuses in one place."""
+"""Domain errors, and the one function that turns any of them into a ``google.rpc.Status``.
+
+Every layer raises these. ``to_status`` builds the Status with ``ErrorInfo{reason, domain
+"paletta", metadata}`` plus ``BadRequest`` (field violations) and ``RetryInfo`` where they apply;
+the api layer sends it as the call's status and the job store keeps it, serialized, as a failed
+job's error, so a job that fails later keeps its violations and metadata.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+DOMAIN = "paletta"
 
 
 @dataclass(frozen=True)
@@ -79,5 +91,59 @@ class ModelUnavailable(FailedPrecondition):
     reason = "MODEL_UNAVAILABLE"
 
 
-class JobCancelled(Exception):
-    """Raised inside a running job (from a step callback) when its cancellation was requested."""
+class Unauthenticated(PalettaError):
+    """The call lacks valid credentials."""
+
+    code = "UNAUTHENTICATED"
+    reason = "UNAUTHENTICATED"
+
+
+class Unimplemented(PalettaError):
+    """The method or capability is not served by this server."""
+
+    code = "UNIMPLEMENTED"
+    reason = "UNIMPLEMENTED"
+
+
+class Interrupted(PalettaError):
+    """The server stopped (or crashed) while the job was running."""
+
+    code = "ABORTED"
+    reason = "INTERRUPTED"
+
+
+class EngineError(PalettaError):
+    """An engine raised something unexpected; the message names the exception."""
+
+    code = "INTERNAL"
+    reason = "ENGINE_ERROR"
+
+
+class JobCancelled(PalettaError):
+    """Raised inside a running job (from a step callback) when its cancellation was requested;
+    also the error a cancelled job records."""
+
+    code = "CANCELLED"
+    reason = "CANCELLED"
+
+
+def _pack(message: Message) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    detail.Pack(message)
+    return detail
+
+
+def to_status(exc: PalettaError) -> status_pb2.Status:
+    """The google.rpc.Status of a domain error: ErrorInfo always, BadRequest and RetryInfo when they apply."""
+    details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))]
+    if exc.violations:
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in exc.violations
+        ])))
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_after * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    return status_pb2.Status(code=code_pb2.Code.Value(exc.code), message=exc.message, details=details)

@@ -33,7 +33,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from paletta.v1 import generate_service_pb2 as gen  # noqa: E402
+from paletta.v1 import generate_pb2 as gen  # noqa: E402
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc  # noqa: E402
 from paletta_server.config import load_config  # noqa: E402
 from paletta_server.server import PalettaServer  # noqa: E402

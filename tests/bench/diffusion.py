@@ -35,16 +35,16 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from paletta.v1 import control_service_pb2 as ctl  # noqa: E402
+from paletta.v1 import control_pb2 as ctl  # noqa: E402
 from paletta.v1 import control_service_pb2_grpc as ctl_grpc  # noqa: E402
-from paletta.v1 import edit_service_pb2 as edit_pb  # noqa: E402
+from paletta.v1 import edit_pb2 as edit_pb  # noqa: E402
 from paletta.v1 import edit_service_pb2_grpc as edit_grpc  # noqa: E402
-from paletta.v1 import generate_service_pb2 as gen  # noqa: E402
+from paletta.v1 import generate_pb2 as gen  # noqa: E402
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc  # noqa: E402
 from paletta.v1 import image_pb2  # noqa: E402
-from paletta.v1 import inpaint_service_pb2 as inp  # noqa: E402
+from paletta.v1 import inpaint_pb2 as inp  # noqa: E402
 from paletta.v1 import inpaint_service_pb2_grpc as inp_grpc  # noqa: E402
-from paletta.v1 import qwen_edit_service_pb2 as qwen_pb  # noqa: E402
+from paletta.v1 import qwen_edit_pb2 as qwen_pb  # noqa: E402
 from paletta.v1 import qwen_edit_service_pb2_grpc as qwen_grpc  # noqa: E402
 from tests.bench import NullSink  # noqa: E402
 

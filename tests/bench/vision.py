@@ -45,9 +45,10 @@ def _rss() -> int:
 
 
 def _tiny_model(folder: Path, key: str) -> object:
-    from paletta_server.engines.common import Device, import_object
+    from paletta_server.engines.common import import_object
     from paletta_server.engines.tiny import vision
     from paletta_server.models.registry import SPECS, ModelSource
+    from paletta_server.models.types import Device
 
     spec = next(s for s in SPECS if s.key == key)
     path = folder / key
@@ -172,18 +173,18 @@ async def _grpc_times(folder: Path, runs: int) -> dict[str, float]:
 
     import grpc
 
-    from paletta.v1 import background_service_pb2 as bg
+    from paletta.v1 import background_pb2 as bg
     from paletta.v1 import background_service_pb2_grpc as bg_grpc
-    from paletta.v1 import caption_service_pb2 as cap
+    from paletta.v1 import caption_pb2 as cap
     from paletta.v1 import caption_service_pb2_grpc as cap_grpc
-    from paletta.v1 import detect_service_pb2 as det
+    from paletta.v1 import detect_pb2 as det
     from paletta.v1 import detect_service_pb2_grpc as det_grpc
     from paletta.v1 import image_pb2
-    from paletta.v1 import prompt_service_pb2 as prm
+    from paletta.v1 import prompt_pb2 as prm
     from paletta.v1 import prompt_service_pb2_grpc as prm_grpc
-    from paletta.v1 import segment_service_pb2 as seg
+    from paletta.v1 import segment_pb2 as seg
     from paletta.v1 import segment_service_pb2_grpc as seg_grpc
-    from paletta.v1 import upscale_service_pb2 as up
+    from paletta.v1 import upscale_pb2 as up
     from paletta.v1 import upscale_service_pb2_grpc as up_grpc
     from paletta_server.config import load_config
     from paletta_server.server import PalettaServer

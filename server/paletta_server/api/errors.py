@@ -1,4 +1,4 @@
-"""The one place domain errors become gRPC statuses with google.rpc details."""
+"""Sending domain errors as gRPC statuses (built by errors.to_status, the one place that builds them)."""
 
 from __future__ import annotations
 
@@ -8,41 +8,17 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from paletta_server.errors import InvalidArgument, PalettaError, ResourceExhausted
-from paletta_server.jobs.events import DOMAIN
+from paletta_server.errors import InvalidArgument, PalettaError, to_status
 
 log = logging.getLogger(__name__)
-
-
-def _pack(message: Any) -> any_pb2.Any:
-    detail = any_pb2.Any()
-    detail.Pack(message)
-    return detail
-
-
-def to_rich_status(exc: PalettaError) -> status_pb2.Status:
-    details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))]
-    violations = exc.violations
-    if violations:
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in violations
-        ])))
-    if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(exc.retry_after_s * 1e9))
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    return status_pb2.Status(code=code_pb2.Code.Value(exc.code), message=exc.message, details=details)
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: PalettaError) -> None:
     if not isinstance(exc, InvalidArgument):
         log.info("%s: %s", exc.reason, exc.message)
-    await context.abort_with_status(rpc_status.to_status(to_rich_status(exc)))
+    await context.abort_with_status(rpc_status.to_status(to_status(exc)))
 
 
 def unary(method: Callable) -> Callable:

@@ -51,7 +51,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     async def WatchJob(self, request: job_service_pb2.WatchJobRequest, context: grpc.aio.ServicerContext):
         if request.after_seq < 0:
             raise invalid("after_seq", "must not be negative")
-        async for event in self.manager.watch(job_id(request.job, "job"), request.after_seq):
+        async for event in self.manager.watch(job_id(request.name, "name"), request.after_seq):
             yield event
 
     @unary
@@ -64,7 +64,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                             context: grpc.aio.ServicerContext) -> job_pb2.Job:
         if request.index < 0:
             raise invalid("index", "must not be negative")
-        return await asyncio.to_thread(self.manager.approve, job_id(request.job, "job"), request.index,
+        return await asyncio.to_thread(self.manager.approve, job_id(request.name, "name"), request.index,
                                        request.approved)
 
     @unary

@@ -20,9 +20,10 @@ class SystemServicer(system_service_pb2_grpc.SystemServiceServicer):
         self.app = app
 
     def _model(self, key: str, resident_bytes: dict[str, int]) -> system_service_pb2.ModelInfo:
-        spec, source = self.app.registry.spec(key), self.app.registry.source(key)
+        source = self.app.registry.source(key)
+        users = [cap.name for cap in self.app.capabilities.values() if key in cap.model_keys]
         return system_service_pb2.ModelInfo(
-            key=key, capabilities=list(spec.capabilities), source=str(source.path or source.repo),
+            key=key, capabilities=users, source=str(source.path or source.repo),
             revision=source.revision, resident=key in resident_bytes, bytes=resident_bytes.get(key, 0),
             env_var=env_var(key),
         )
@@ -37,7 +38,7 @@ class SystemServicer(system_service_pb2_grpc.SystemServiceServicer):
             loaded_models=[self._model(k, resident) for k in resident],
             memory_budget_bytes=app.residency.budget_bytes(), memory_used_bytes=sum(resident.values()),
             queue_length=app.manager.queue_length(),
-            running_job=f"jobs/{app.manager.running}" if app.manager.running else "",
+            running_job=app.manager.running_job(),
             max_edge=app.profile.max_inference_edge,
             loading_model=app.residency.loading, evicted_models=list(app.residency.evicted),
         )

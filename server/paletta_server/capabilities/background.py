@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta.v1 import background_service_pb2
+from paletta.v1 import background_pb2
 from paletta_server.capabilities import common
 from paletta_server.capabilities._vision import inference, prepare_image
 from paletta_server.capabilities.base import Capability, PrepareContext, RunContext
@@ -13,7 +13,7 @@ from paletta_server.models.profiles import Profile
 MODEL = "birefnet-general"
 
 
-def prepare(request: background_service_pb2.RemoveBackgroundRequest, ctx: PrepareContext) -> Any:
+def prepare(request: background_pb2.RemoveBackgroundRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     prepare_image(v, ctx, request.image)
     v.raise_if_any()
@@ -24,7 +24,7 @@ def models(request: Any, profile: Profile) -> list[str]:
     return [MODEL]
 
 
-def run(request: background_service_pb2.RemoveBackgroundRequest, ctx: RunContext) -> None:
+def run(request: background_pb2.RemoveBackgroundRequest, ctx: RunContext) -> None:
     from paletta_server.engines import background
 
     remover = ctx.model(MODEL)
@@ -36,5 +36,5 @@ def run(request: background_service_pb2.RemoveBackgroundRequest, ctx: RunContext
         ctx.emit_output(mask, parameters={**parameters, "output": "mask"})
 
 
-CAPABILITY = Capability("remove_background", background_service_pb2.RemoveBackgroundRequest, prepare, models,
-                        run)
+CAPABILITY = Capability("remove_background", background_pb2.RemoveBackgroundRequest, prepare, models, run,
+                        model_keys=(MODEL,), chains={"image": "image"})

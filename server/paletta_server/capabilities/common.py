@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 from paletta.v1 import image_pb2
@@ -119,12 +120,36 @@ def check_image_prompt(v: Violations, ctx: PrepareContext, request: Any) -> None
     resolve_image(ctx, ip.image, "image_prompt.image")
 
 
+def acceleration_lora(ctx: Any) -> Any:
+    """The profile's acceleration LoRA (hyper-sd under ``hyper``) as an engine LoraFile, or None."""
+    key = ctx.profile.acceleration_lora
+    if not key:
+        return None
+    from paletta_server.engines.styles import ACCELERATION_WEIGHT, LoraFile
+
+    return LoraFile(key, Path(ctx.model(key)), ACCELERATION_WEIGHT)
+
+
+def style_loras(ctx: Any, selections: Any) -> list[Any]:
+    """A request's StyleSelections resolved to engine LoraFiles: file, weight (or the style's default), trigger."""
+    from paletta_server.engines.styles import LoraFile
+
+    tiny_dir = Path(ctx.config.models_dir) / "tiny" / "styles" if ctx.profile.tiny else None
+    loras = []
+    for selection in selections:
+        spec = ctx.styles.get(selection.name)
+        weight = float(selection.weight) if selection.HasField("weight") else float(spec.default_weight)
+        loras.append(LoraFile(selection.name, ctx.styles.file(selection.name, tiny_dir), weight, spec.trigger_word,
+                              f"tiny:{selection.name}" if tiny_dir else spec.source))
+    return loras
+
+
 @contextmanager
 def diffusion_extras(pipe: Any, request: Any, ctx: Any) -> Iterator[tuple[str, dict, dict]]:
     """Apply a request's style LoRAs and image prompt to a pipeline for the job's duration.
 
-    Yields (effective prompt, extra pipeline kwargs, applied parameters for the PNG). Styles and
-    IP-Adapter live in engines/styles.py and engines/ip_adapter.py; without them this is a no-op.
+    Yields (effective prompt, extra pipeline kwargs, applied parameters for the PNG). Models and
+    files are resolved here; engines/styles.py and engines/ip_adapter.py get explicit values.
     """
     prompt = request.prompt
     extra: dict[str, Any] = {}
@@ -133,12 +158,14 @@ def diffusion_extras(pipe: Any, request: Any, ctx: Any) -> Iterator[tuple[str, d
         if list(getattr(request, "styles", [])):
             from paletta_server.engines import styles as style_engine
 
-            prompt, applied["styles"] = stack.enter_context(
-                style_engine.applied_styles(pipe, request.styles, ctx, prompt))
+            prompt, applied["styles"] = stack.enter_context(style_engine.applied_styles(
+                pipe, style_loras(ctx, request.styles), acceleration_lora(ctx), prompt))
         if request.HasField("image_prompt") if hasattr(request, "image_prompt") else False:
             from paletta_server.engines import ip_adapter
 
-            kwargs, applied["image_prompt"] = stack.enter_context(
-                ip_adapter.applied_image_prompt(pipe, request.image_prompt, ctx))
-            extra.update(kwargs)
+            ip = request.image_prompt
+            weight = float(ip.weight) if ip.HasField("weight") else ip_adapter.DEFAULT_WEIGHT
+            extra.update(stack.enter_context(ip_adapter.applied_image_prompt(
+                pipe, ctx.model("ip-adapter"), ctx.model("clip-vit-large"), ctx.open_image(ip.image.asset), weight)))
+            applied["image_prompt"] = {"image": ip.image.asset, "weight": round(weight, 4), "model": "ip-adapter"}
         yield prompt, extra, applied

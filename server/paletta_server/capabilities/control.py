@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta.v1 import control_service_pb2 as pb
+from paletta.v1 import control_pb2 as pb
 from paletta_server.capabilities import common, diffusion_io
 from paletta_server.capabilities.base import Capability, PrepareContext, RunContext
 from paletta_server.models.profiles import Profile
@@ -31,16 +31,17 @@ def prepare(request: pb.ControlRequest, ctx: PrepareContext) -> Any:
     elif request.preprocess == pb.PREPROCESS_CANNY and request.control_type != pb.CONTROL_TYPE_CANNY:
         v.add("preprocess", "PREPROCESS_CANNY makes an edge map: use it with CONTROL_TYPE_CANNY only")
     for name in ("width", "height"):
-        value = getattr(request, name)
-        if value:
-            common.check_size(v, value, ctx.profile.max_generate_edge, name)
+        if request.HasField(name):  # unset: the control image's size; an explicit 0 is refused
+            common.check_size(v, getattr(request, name), ctx.profile.max_generate_edge, name)
     diffusion_io.check_common(v, request, DEFAULT_STEPS, (0.0, 20.0))
     common.check_styles(v, ctx, request.styles, allowed=False, mode="ControlNet")
     common.check_image_prompt(v, ctx, request)
     v.raise_if_any()
     if image is not None:
-        request.width = request.width or image.width
-        request.height = request.height or image.height
+        if not request.HasField("width"):
+            request.width = image.width
+        if not request.HasField("height"):
+            request.height = image.height
     common.resolve_seed(request)
     return request
 
@@ -84,4 +85,6 @@ def run(request: pb.ControlRequest, ctx: RunContext) -> None:
             })
 
 
-CAPABILITY = Capability("control", pb.ControlRequest, prepare, models, run)
+CAPABILITY = Capability("control", pb.ControlRequest, prepare, models, run,
+                        model_keys=(MODEL, "flux-dev", "ip-adapter", "clip-vit-large", diffusion_io.REALESRGAN_KEY),
+                        chains={"control_image": "image"})

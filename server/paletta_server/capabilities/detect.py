@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta.v1 import detect_service_pb2, result_pb2
+from paletta.v1 import detect_pb2, result_pb2
 from paletta_server.capabilities import common
 from paletta_server.capabilities._vision import check_threshold, inference, prepare_image
 from paletta_server.capabilities.base import HIGH, Capability, PrepareContext, RunContext
@@ -28,7 +28,7 @@ def detections(boxes: list[Any], width: int, height: int) -> result_pb2.Detectio
 
 
 # -- Detect -------------------------------------------------------------------------------------
-def prepare_detect(request: detect_service_pb2.DetectRequest, ctx: PrepareContext) -> Any:
+def prepare_detect(request: detect_pb2.DetectRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     prepare_image(v, ctx, request.image)
     check_threshold(v, request, DETECT_THRESHOLD)
@@ -40,7 +40,7 @@ def models_detect(request: Any, profile: Profile) -> list[str]:
     return [DETR]
 
 
-def run_detect(request: detect_service_pb2.DetectRequest, ctx: RunContext) -> None:
+def run_detect(request: detect_pb2.DetectRequest, ctx: RunContext) -> None:
     from paletta_server.engines import detect as engine
 
     det = ctx.model(DETR)
@@ -52,7 +52,7 @@ def run_detect(request: detect_service_pb2.DetectRequest, ctx: RunContext) -> No
 
 
 # -- Ground -------------------------------------------------------------------------------------
-def prepare_ground(request: detect_service_pb2.GroundRequest, ctx: PrepareContext) -> Any:
+def prepare_ground(request: detect_pb2.GroundRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     prepare_image(v, ctx, request.image)
     if not request.queries:
@@ -73,7 +73,7 @@ def models_ground(request: Any, profile: Profile) -> list[str]:
     return [OWLV2]
 
 
-def run_ground(request: detect_service_pb2.GroundRequest, ctx: RunContext) -> None:
+def run_ground(request: detect_pb2.GroundRequest, ctx: RunContext) -> None:
     from paletta_server.engines import detect as engine
 
     det = ctx.model(OWLV2)
@@ -85,8 +85,10 @@ def run_ground(request: detect_service_pb2.GroundRequest, ctx: RunContext) -> No
                     result=detections(boxes, image.width, image.height))
 
 
-detect = Capability("detect", detect_service_pb2.DetectRequest, prepare_detect, models_detect, run_detect,
+detect = Capability("detect", detect_pb2.DetectRequest, prepare_detect, models_detect, run_detect,
+                    model_keys=(DETR,), result_type=result_pb2.Detections, chains={"image": "image"}, makes="",
                     default_priority=HIGH)
-ground = Capability("ground", detect_service_pb2.GroundRequest, prepare_ground, models_ground, run_ground,
+ground = Capability("ground", detect_pb2.GroundRequest, prepare_ground, models_ground, run_ground,
+                    model_keys=(OWLV2,), result_type=result_pb2.Detections, chains={"image": "image"}, makes="",
                     default_priority=HIGH)
 CAPABILITIES = [detect, ground]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta.v1 import edit_service_pb2
+from paletta.v1 import edit_pb2
 from paletta_server.capabilities import common, diffusion_io
 from paletta_server.capabilities.base import Capability, PrepareContext, RunContext
 from paletta_server.models.profiles import Profile
@@ -18,7 +18,7 @@ def default_steps(profile: Profile) -> int:
     return profile.accelerated_steps if profile.acceleration_lora and profile.accelerated_steps else DEFAULT_STEPS
 
 
-def prepare(request: edit_service_pb2.EditRequest, ctx: PrepareContext) -> Any:
+def prepare(request: edit_pb2.EditRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     diffusion_io.input_image(v, ctx, request.image, "image")
     common.check_prompt(v, request.prompt)
@@ -30,7 +30,7 @@ def prepare(request: edit_service_pb2.EditRequest, ctx: PrepareContext) -> Any:
     return request
 
 
-def models(request: edit_service_pb2.EditRequest, profile: Profile) -> list[str]:
+def models(request: edit_pb2.EditRequest, profile: Profile) -> list[str]:
     keys = [MODEL]
     if request.HasField("image_prompt"):
         keys += ["ip-adapter", "clip-vit-large"]
@@ -39,12 +39,12 @@ def models(request: edit_service_pb2.EditRequest, profile: Profile) -> list[str]
     return keys + diffusion_io.upscaler_models(request)
 
 
-def run(request: edit_service_pb2.EditRequest, ctx: RunContext) -> None:
+def run(request: edit_pb2.EditRequest, ctx: RunContext) -> None:
     from paletta_server.engines import flux_edit
     from paletta_server.engines import styles as style_engine
 
     pipe = ctx.model(MODEL)
-    style_engine.ensure_acceleration(pipe, ctx)
+    style_engine.ensure_acceleration(pipe, common.acceleration_lora(ctx))
     original = ctx.open_image(request.image.asset).convert("RGB")
     infer = diffusion_io.inference_size(*original.size, ctx.profile.max_inference_edge)
     image = diffusion_io.fit(original, infer)
@@ -63,4 +63,6 @@ def run(request: edit_service_pb2.EditRequest, ctx: RunContext) -> None:
             })
 
 
-CAPABILITY = Capability("edit", edit_service_pb2.EditRequest, prepare, models, run)
+CAPABILITY = Capability("edit", edit_pb2.EditRequest, prepare, models, run,
+                        model_keys=(MODEL, "ip-adapter", "clip-vit-large", "hyper-sd", diffusion_io.REALESRGAN_KEY),
+                        chains={"image": "image"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta.v1 import generate_service_pb2
+from paletta.v1 import generate_pb2
 from paletta_server.capabilities import common
 from paletta_server.capabilities.base import Capability, PrepareContext, RunContext
 from paletta_server.models.profiles import Profile
@@ -14,7 +14,7 @@ DEFAULT_EDGE = 1024
 DEFAULT_STEPS = 4  # schnell is distilled for 1-4 steps
 
 
-def prepare(request: generate_service_pb2.GenerateRequest, ctx: PrepareContext) -> Any:
+def prepare(request: generate_pb2.GenerateRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     common.check_prompt(v, request.prompt)
     max_edge = ctx.profile.max_generate_edge
@@ -34,18 +34,18 @@ def prepare(request: generate_service_pb2.GenerateRequest, ctx: PrepareContext) 
     return request
 
 
-def models(request: generate_service_pb2.GenerateRequest, profile: Profile) -> list[str]:
+def models(request: generate_pb2.GenerateRequest, profile: Profile) -> list[str]:
     keys = [MODEL] + (["ip-adapter", "clip-vit-large"] if request.HasField("image_prompt") else [])
     return keys + ([profile.acceleration_lora] if profile.acceleration_lora else [])
 
 
-def run(request: generate_service_pb2.GenerateRequest, ctx: RunContext) -> None:
+def run(request: generate_pb2.GenerateRequest, ctx: RunContext) -> None:
     from paletta_server.engines import flux
     from paletta_server.engines import styles as style_engine
 
     pipe = ctx.model(MODEL)
     # Under the hyper profile the acceleration LoRA stays active with or without styles.
-    style_engine.ensure_acceleration(pipe, ctx)
+    style_engine.ensure_acceleration(pipe, common.acceleration_lora(ctx))
     guidance = request.guidance if request.HasField("guidance") else 0.0
     with common.diffusion_extras(pipe, request, ctx) as (prompt, extra, applied):
         for i in range(request.variants):
@@ -61,4 +61,5 @@ def run(request: generate_service_pb2.GenerateRequest, ctx: RunContext) -> None:
             })
 
 
-CAPABILITY = Capability("generate", generate_service_pb2.GenerateRequest, prepare, models, run)
+CAPABILITY = Capability("generate", generate_pb2.GenerateRequest, prepare, models, run,
+                        model_keys=(MODEL, "ip-adapter", "clip-vit-large", "hyper-sd"))

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from paletta.v1 import inpaint_service_pb2
+from paletta.v1 import inpaint_pb2
 from paletta_server.capabilities import common, diffusion_io
 from paletta_server.capabilities.base import Capability, PrepareContext, RunContext
 from paletta_server.models.profiles import Profile
@@ -31,7 +31,7 @@ def _check_feather(v: common.Violations, request: Any) -> None:
     common.check_range(v, request.feather, 0, MAX_FEATHER, "feather")
 
 
-def prepare_inpaint(request: inpaint_service_pb2.InpaintRequest, ctx: PrepareContext) -> Any:
+def prepare_inpaint(request: inpaint_pb2.InpaintRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     image = diffusion_io.input_image(v, ctx, request.image, "image")
     mask = diffusion_io.input_image(v, ctx, request.mask, "mask")
@@ -46,7 +46,7 @@ def prepare_inpaint(request: inpaint_service_pb2.InpaintRequest, ctx: PrepareCon
     return request
 
 
-def prepare_outpaint(request: inpaint_service_pb2.OutpaintRequest, ctx: PrepareContext) -> Any:
+def prepare_outpaint(request: inpaint_pb2.OutpaintRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     image = diffusion_io.input_image(v, ctx, request.image, "image")
     common.check_prompt(v, request.prompt, required=False)
@@ -107,7 +107,7 @@ def _fill(request: Any, ctx: RunContext, original: Image.Image, mask: Image.Imag
         })
 
 
-def run_inpaint(request: inpaint_service_pb2.InpaintRequest, ctx: RunContext) -> None:
+def run_inpaint(request: inpaint_pb2.InpaintRequest, ctx: RunContext) -> None:
     original = ctx.open_image(request.image.asset).convert("RGB")
     mask = diffusion_io.mask_from(ctx.open_image(request.mask.asset))
     params: dict = {"mask": request.mask.asset, "mask_size": list(mask.size), "mask_resized": False}
@@ -120,7 +120,7 @@ def run_inpaint(request: inpaint_service_pb2.InpaintRequest, ctx: RunContext) ->
     _fill(request, ctx, original, mask, params)
 
 
-def run_outpaint(request: inpaint_service_pb2.OutpaintRequest, ctx: RunContext) -> None:
+def run_outpaint(request: inpaint_pb2.OutpaintRequest, ctx: RunContext) -> None:
     image = ctx.open_image(request.image.asset).convert("RGB")
     canvas, mask = outpaint_canvas(image, request.left, request.right, request.top, request.bottom)
     _fill(request, ctx, canvas, mask, {
@@ -130,6 +130,8 @@ def run_outpaint(request: inpaint_service_pb2.OutpaintRequest, ctx: RunContext) 
 
 
 CAPABILITIES = [
-    Capability("inpaint", inpaint_service_pb2.InpaintRequest, prepare_inpaint, models, run_inpaint),
-    Capability("outpaint", inpaint_service_pb2.OutpaintRequest, prepare_outpaint, models, run_outpaint),
+    Capability("inpaint", inpaint_pb2.InpaintRequest, prepare_inpaint, models, run_inpaint,
+               model_keys=(MODEL, diffusion_io.REALESRGAN_KEY), chains={"image": "image", "mask": "mask"}),
+    Capability("outpaint", inpaint_pb2.OutpaintRequest, prepare_outpaint, models, run_outpaint,
+               model_keys=(MODEL, diffusion_io.REALESRGAN_KEY), chains={"image": "image"}),
 ]

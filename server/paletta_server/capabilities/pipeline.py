@@ -1,11 +1,12 @@
 """Multi-step pipelines (the seed's ``[generate] → [auto_mask] → [inpaint]`` chains) as one job.
 
-Each step is an ordinary capability request. Unset image inputs chain: ``image`` /
-``control_image`` take the current image (the first output of the latest image-making step),
-an inpaint ``mask`` takes the mask of the latest ``auto_mask`` step. Every step is validated on
-submission, with chained inputs stood in for by placeholder assets, so a mistake in step 3 is
-reported before step 1 runs; at run time each step is prepared again with its real inputs
-(an auto-mask that selected nothing fails the inpaint step that needs it, naming the field).
+Each step is a ``JobSpec``: an ordinary capability request. What chains comes from the step
+capability's declaration: its ``chains`` fields, when unset, take the current image (the first
+output of the latest step that ``makes`` an image) or the current mask (of the latest step that
+makes a mask, e.g. segment). Every step is validated on submission, with chained inputs stood in
+for by placeholder assets, so a mistake in step 3 is reported before step 1 runs; at run time each
+step is prepared again with its real inputs (an auto-mask that selected nothing fails the
+inpaint step that needs it, naming the field).
 """
 
 from __future__ import annotations
@@ -16,150 +17,139 @@ from typing import Any
 from google.protobuf.message import Message
 from PIL import Image
 
-from paletta.v1 import pipeline_service_pb2
+from paletta.v1 import job_spec_pb2
 from paletta_server.capabilities import common
-from paletta_server.capabilities.base import Capability, PrepareContext, RunContext
+from paletta_server.capabilities.base import Capability, OutputHandle, PrepareContext, RunContext
 from paletta_server.errors import InvalidArgument
 from paletta_server.models.profiles import Profile
 
 MAX_STEPS = 16
-# step kind -> (capability name, the ImageRef field that chains, or "")
-STEPS = {
-    "generate": ("generate", ""),
-    "edit": ("edit", "image"),
-    "auto_mask": ("segment", "image"),
-    "inpaint": ("inpaint", "image"),
-    "outpaint": ("outpaint", "image"),
-    "qwen_edit": ("qwen_edit", "image"),
-    "control": ("control", "control_image"),
-    "upscale": ("upscale", "image"),
-    "remove_background": ("remove_background", "image"),
-}
-JOB_OPTIONS = ("request_id", "priority", "cancel_on_disconnect")
+NAME = "pipeline"
 
 
 @functools.cache
 def _capabilities() -> dict[str, Capability]:
     from paletta_server.capabilities import discover
 
-    return discover()
+    return {name: cap for name, cap in discover().items() if name != NAME}
 
 
-def _placeholders(ctx: PrepareContext) -> tuple[str, str]:
+def _placeholders(ctx: PrepareContext) -> dict[str, str]:
     """Stand-ins for chained inputs during validation: a gray image and an all-white mask."""
-    image = ctx.assets.put_image(Image.new("RGB", (64, 64), (128, 128, 128))).name
-    mask = ctx.assets.put_image(Image.new("L", (64, 64), 255)).name
-    return image, mask
+    return {"image": ctx.assets.put_image(Image.new("RGB", (64, 64), (128, 128, 128))).name,
+            "mask": ctx.assets.put_image(Image.new("L", (64, 64), 255)).name}
 
 
-def _prepare_step(kind: str, step: Message, ctx: PrepareContext, prefix: str) -> Message:
+def _step(spec: job_spec_pb2.JobSpec) -> tuple[str, Capability | None, Message | None]:
+    kind = spec.WhichOneof("spec") or ""
+    capability = _capabilities().get(kind)
+    return kind, capability, capability.request_of(spec) if capability else None
+
+
+def _prepare_step(capability: Capability, request: Message, ctx: PrepareContext, prefix: str) -> Message:
     try:
-        return _capabilities()[STEPS[kind][0]].prepare(step, ctx)
+        return capability.prepare(request, ctx)
     except InvalidArgument as exc:
         raise InvalidArgument([common.FieldViolation(f"{prefix}.{v.field}", v.description)
                                for v in exc.violations]) from exc
 
 
-def prepare(request: pipeline_service_pb2.RunPipelineRequest, ctx: PrepareContext) -> Any:
+def prepare(request: job_spec_pb2.RunPipelineRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     if not 1 <= len(request.steps) <= MAX_STEPS:
         v.add("steps", f"a pipeline has 1 to {MAX_STEPS} steps, got {len(request.steps)}")
     common.resolve_image(ctx, request.image, "image", required=False)
-    has_image = request.image.WhichOneof("source") is not None
-    has_mask = False
-    placeholder_image, placeholder_mask = _placeholders(ctx)
-    for i, step in enumerate(request.steps):
-        kind = step.WhichOneof("step")
-        if kind is None:
-            v.add(f"steps[{i}]", "a step needs one of: " + ", ".join(STEPS))
+    current = {"image": request.image.WhichOneof("source") is not None, "mask": False}
+    placeholders = _placeholders(ctx)
+    for i, spec in enumerate(request.steps):
+        kind, capability, sub = _step(spec)
+        if capability is None or sub is None:
+            v.add(f"steps[{i}]", "a step needs one of: " + ", ".join(_capabilities()))
             continue
-        prefix, sub = f"steps[{i}].{kind}", getattr(step, kind)
-        for option in JOB_OPTIONS:
-            if getattr(sub, option):
-                v.add(f"{prefix}.{option}", "job options belong to RunPipelineRequest, not to a step")
+        prefix = f"steps[{i}].{kind}"
+        if sub.HasField("options"):
+            v.add(f"{prefix}.options", "job options belong to RunPipelineRequest, not to a step")
         trial, chained = type(sub)(), []
         trial.CopyFrom(sub)
-        image_field = STEPS[kind][1]
-        if image_field and getattr(sub, image_field).WhichOneof("source") is None:
-            if not has_image:
-                v.add(f"{prefix}.{image_field}", "no image to chain yet: set it, set the pipeline's image, "
-                                                 "or make one in an earlier step")
+        missing = False
+        for field_name, what in capability.chains.items():
+            if getattr(sub, field_name).WhichOneof("source") is not None:
                 continue
-            getattr(trial, image_field).asset = placeholder_image
-            chained.append(image_field)
-        if kind == "inpaint" and sub.mask.WhichOneof("source") is None:
-            if not has_mask:
-                v.add(f"{prefix}.mask", "no mask to chain: set it or put an auto_mask step before this one")
+            if not current[what]:
+                hint = ("set it, set the pipeline's image, or make one in an earlier step" if what == "image"
+                        else "set it or put a segment (auto mask) step before this one")
+                v.add(f"{prefix}.{field_name}", f"no {what} to chain yet: {hint}")
+                missing = True
                 continue
-            trial.mask.asset = placeholder_mask
-            chained.append("mask")
+            getattr(trial, field_name).asset = placeholders[what]
+            chained.append(field_name)
+        if missing:
+            continue
         try:
-            prepared = _prepare_step(kind, trial, ctx, prefix)
+            prepared = _prepare_step(capability, trial, ctx, prefix)
         except InvalidArgument as exc:
             v.items.extend(exc.violations)
             continue
-        for name in chained:
-            prepared.ClearField(name)
+        for field_name in chained:
+            prepared.ClearField(field_name)
         sub.CopyFrom(prepared)  # keeps what prepare fixed: seeds, defaults, inline images as assets
-        has_image = has_image or kind != "auto_mask"
-        has_mask = has_mask or kind == "auto_mask"
+        if capability.makes:
+            current[capability.makes] = True
     v.raise_if_any()
     return request
 
 
-def models(request: pipeline_service_pb2.RunPipelineRequest, profile: Profile) -> list[str]:
+def models(request: job_spec_pb2.RunPipelineRequest, profile: Profile) -> list[str]:
     """The first step's models (scheduling affinity); each step pins its own while it runs."""
     if not request.steps:
         return []
-    kind = request.steps[0].WhichOneof("step")
-    return _capabilities()[STEPS[kind][0]].models(getattr(request.steps[0], kind), profile)
+    _, capability, sub = _step(request.steps[0])
+    return capability.models(sub, profile) if capability and sub else []
 
 
 class StepContext:
-    """The job's RunContext for one step: outputs are tagged with the step and remembered."""
+    """The job's RunContext for one step: outputs are tagged with the step; the first one is
+    stored at once when a later step chains it."""
 
-    def __init__(self, ctx: RunContext, index: int, kind: str):
-        self._ctx, self.index, self.kind = ctx, index, kind
+    def __init__(self, ctx: RunContext, index: int, kind: str, chained: bool):
+        self._ctx, self.index, self.kind, self._chained = ctx, index, kind, chained
         self.first_asset: str | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ctx, name)
 
     def emit_output(self, image: Image.Image | None, *, parameters: dict, seed: int = 0,
-                    result: Message | None = None) -> Any:
-        tagged = {"step": self.index, "step_capability": STEPS[self.kind][0], **parameters}
-        info = self._ctx.emit_output(image, parameters=tagged, seed=seed, result=result)
-        if info is not None and self.first_asset is None:
-            self.first_asset = info.name
-        return info
+                    result: Message | None = None, store_now: bool = False) -> OutputHandle:
+        tagged = {"step": self.index, "step_capability": self.kind, **parameters}
+        first = self.first_asset is None and image is not None
+        handle = self._ctx.emit_output(image, parameters=tagged, seed=seed, result=result,
+                                       store_now=store_now or (first and self._chained))
+        if first and handle.asset is not None:
+            self.first_asset = handle.asset.name
+        return handle
 
 
-def run(request: pipeline_service_pb2.RunPipelineRequest, ctx: RunContext) -> None:
+def run(request: job_spec_pb2.RunPipelineRequest, ctx: RunContext) -> None:
     prepare_ctx = PrepareContext(ctx.assets, ctx.profile, ctx.config, ctx.styles)
-    image = request.image.asset if request.image.WhichOneof("source") else ""
-    mask = ""
+    current = {"image": request.image.asset if request.image.WhichOneof("source") else "", "mask": ""}
     total = len(request.steps)
-    for i, step in enumerate(request.steps):
+    for i, spec in enumerate(request.steps):
         ctx.check_cancelled()
         ctx.progress(i, total, "pipeline")
-        kind = step.WhichOneof("step")
-        sub = type(getattr(step, kind))()
-        sub.CopyFrom(getattr(step, kind))
-        image_field = STEPS[kind][1]
-        if image_field and getattr(sub, image_field).WhichOneof("source") is None:
-            getattr(sub, image_field).asset = image
-        if kind == "inpaint" and sub.mask.WhichOneof("source") is None:
-            sub.mask.asset = mask
-        sub = _prepare_step(kind, sub, prepare_ctx, f"steps[{i}].{kind}")
-        capability = _capabilities()[STEPS[kind][0]]
+        kind, capability, stored = _step(spec)
+        assert capability is not None and stored is not None  # prepare refused unknown steps
+        sub = type(stored)()
+        sub.CopyFrom(stored)
+        for field_name, what in capability.chains.items():
+            if getattr(sub, field_name).WhichOneof("source") is None:
+                getattr(sub, field_name).asset = current[what]
+        sub = _prepare_step(capability, sub, prepare_ctx, f"steps[{i}].{kind}")
         ctx.use_models(capability.models(sub, ctx.profile))
-        step_ctx = StepContext(ctx, i, kind)
+        step_ctx = StepContext(ctx, i, kind, chained=bool(capability.makes) and i + 1 < total)
         capability.run(sub, step_ctx)
-        if kind == "auto_mask":
-            mask = step_ctx.first_asset or mask
-        elif step_ctx.first_asset:
-            image = step_ctx.first_asset
+        if capability.makes and step_ctx.first_asset:
+            current[capability.makes] = step_ctx.first_asset
     ctx.progress(total, total, "pipeline")
 
 
-CAPABILITY = Capability("pipeline", pipeline_service_pb2.RunPipelineRequest, prepare, models, run)
+CAPABILITY = Capability(NAME, job_spec_pb2.RunPipelineRequest, prepare, models, run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta.v1 import prompt_service_pb2, result_pb2
+from paletta.v1 import prompt_pb2, result_pb2
 from paletta_server.capabilities import common
 from paletta_server.capabilities._vision import check_tokens, inference
 from paletta_server.capabilities.base import HIGH, Capability, PrepareContext, RunContext
@@ -14,7 +14,7 @@ MODEL = "qwen2.5-1.5b-instruct"
 DEFAULT_TOKENS = 160
 
 
-def prepare(request: prompt_service_pb2.ExpandRequest, ctx: PrepareContext) -> Any:
+def prepare(request: prompt_pb2.ExpandRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     common.check_prompt(v, request.prompt)
     request.max_tokens = check_tokens(v, request.max_tokens, DEFAULT_TOKENS)
@@ -28,7 +28,7 @@ def models(request: Any, profile: Profile) -> list[str]:
     return [MODEL]
 
 
-def run(request: prompt_service_pb2.ExpandRequest, ctx: RunContext) -> None:
+def run(request: prompt_pb2.ExpandRequest, ctx: RunContext) -> None:
     from paletta_server.engines import prompt as engine
 
     rewriter = ctx.model(MODEL)
@@ -39,5 +39,5 @@ def run(request: prompt_service_pb2.ExpandRequest, ctx: RunContext) -> None:
                     result=result_pb2.PromptExpansion(original=request.prompt, expanded=expanded))
 
 
-CAPABILITY = Capability("expand", prompt_service_pb2.ExpandRequest, prepare, models, run,
-                        default_priority=HIGH)
+CAPABILITY = Capability("expand", prompt_pb2.ExpandRequest, prepare, models, run, model_keys=(MODEL,),
+                        result_type=result_pb2.PromptExpansion, makes="", default_priority=HIGH)

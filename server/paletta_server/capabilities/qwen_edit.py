@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta.v1 import qwen_edit_service_pb2
+from paletta.v1 import qwen_edit_pb2
 from paletta_server.capabilities import common, diffusion_io
 from paletta_server.capabilities.base import Capability, PrepareContext, RunContext
 from paletta_server.models.profiles import Profile
@@ -14,7 +14,7 @@ DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 4.0
 
 
-def prepare(request: qwen_edit_service_pb2.QwenEditServiceEditRequest, ctx: PrepareContext) -> Any:
+def prepare(request: qwen_edit_pb2.QwenEditServiceEditRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     diffusion_io.input_image(v, ctx, request.image, "image")
     common.check_prompt(v, request.prompt)
@@ -30,7 +30,7 @@ def models(request: Any, profile: Profile) -> list[str]:
     return [MODEL] + diffusion_io.upscaler_models(request)
 
 
-def run(request: qwen_edit_service_pb2.QwenEditServiceEditRequest, ctx: RunContext) -> None:
+def run(request: qwen_edit_pb2.QwenEditServiceEditRequest, ctx: RunContext) -> None:
     from paletta_server.engines import qwen
 
     pipe = ctx.model(MODEL)
@@ -51,4 +51,5 @@ def run(request: qwen_edit_service_pb2.QwenEditServiceEditRequest, ctx: RunConte
         })
 
 
-CAPABILITY = Capability("qwen_edit", qwen_edit_service_pb2.QwenEditServiceEditRequest, prepare, models, run)
+CAPABILITY = Capability("qwen_edit", qwen_edit_pb2.QwenEditServiceEditRequest, prepare, models, run,
+                        model_keys=(MODEL, diffusion_io.REALESRGAN_KEY), chains={"image": "image"})

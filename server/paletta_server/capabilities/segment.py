@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta.v1 import result_pb2, segment_service_pb2
+from paletta.v1 import result_pb2, segment_pb2
 from paletta_server.capabilities import common
 from paletta_server.capabilities._vision import check_threshold, inference, prepare_image
 from paletta_server.capabilities.base import HIGH, Capability, PrepareContext, RunContext
@@ -14,7 +14,7 @@ MODEL = "clipseg"
 DEFAULT_THRESHOLD = 0.4
 
 
-def prepare(request: segment_service_pb2.SegmentRequest, ctx: PrepareContext) -> Any:
+def prepare(request: segment_pb2.SegmentRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     prepare_image(v, ctx, request.image)
     common.check_prompt(v, request.text, "text")
@@ -29,7 +29,7 @@ def models(request: Any, profile: Profile) -> list[str]:
     return [MODEL]
 
 
-def run(request: segment_service_pb2.SegmentRequest, ctx: RunContext) -> None:
+def run(request: segment_pb2.SegmentRequest, ctx: RunContext) -> None:
     from paletta_server.engines import segment
 
     seg = ctx.model(MODEL)
@@ -43,5 +43,6 @@ def run(request: segment_service_pb2.SegmentRequest, ctx: RunContext) -> None:
     }, result=result_pb2.Segmentation(coverage=coverage))
 
 
-CAPABILITY = Capability("segment", segment_service_pb2.SegmentRequest, prepare, models, run,
+CAPABILITY = Capability("segment", segment_pb2.SegmentRequest, prepare, models, run, model_keys=(MODEL,),
+                        result_type=result_pb2.Segmentation, chains={"image": "image"}, makes="mask",
                         default_priority=HIGH)

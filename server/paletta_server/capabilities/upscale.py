@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta.v1 import image_pb2, upscale_service_pb2
+from paletta.v1 import image_pb2, upscale_pb2
 from paletta_server.capabilities import common
 from paletta_server.capabilities._vision import prepare_image
 from paletta_server.capabilities.base import Capability, PrepareContext, RunContext
@@ -17,7 +17,7 @@ DEFAULT_OVERLAP = 16
 UPSCALERS = {image_pb2.UPSCALER_LANCZOS: "lanczos", image_pb2.UPSCALER_REALESRGAN: "realesrgan"}
 
 
-def prepare(request: upscale_service_pb2.UpscaleRequest, ctx: PrepareContext) -> Any:
+def prepare(request: upscale_pb2.UpscaleRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     size = prepare_image(v, ctx, request.image)
     if request.upscaler == image_pb2.UPSCALER_UNSPECIFIED:
@@ -46,11 +46,11 @@ def prepare(request: upscale_service_pb2.UpscaleRequest, ctx: PrepareContext) ->
     return request
 
 
-def models(request: upscale_service_pb2.UpscaleRequest, profile: Profile) -> list[str]:
+def models(request: upscale_pb2.UpscaleRequest, profile: Profile) -> list[str]:
     return [MODEL] if request.upscaler == image_pb2.UPSCALER_REALESRGAN else []
 
 
-def run(request: upscale_service_pb2.UpscaleRequest, ctx: RunContext) -> None:
+def run(request: upscale_pb2.UpscaleRequest, ctx: RunContext) -> None:
     from paletta_server.engines import upscale
 
     image = ctx.open_image(request.image.asset)
@@ -76,4 +76,5 @@ def run(request: upscale_service_pb2.UpscaleRequest, ctx: RunContext) -> None:
     ctx.emit_output(result, parameters=parameters)
 
 
-CAPABILITY = Capability("upscale", upscale_service_pb2.UpscaleRequest, prepare, models, run)
+CAPABILITY = Capability("upscale", upscale_pb2.UpscaleRequest, prepare, models, run, model_keys=(MODEL,),
+                        chains={"image": "image"})

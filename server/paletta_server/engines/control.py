@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta.v1 import control_service_pb2 as pb
+from paletta.v1 import control_pb2 as pb
 from paletta_server.engines import flux
-from paletta_server.engines.common import LoadContext, ModelSource, ProgressSink, pretrained_location
+from paletta_server.engines.common import ProgressSink, pretrained_location
+from paletta_server.models.types import LoadContext, ModelSource
 
 CONTROL_MODES: dict[int, int] = {pb.CONTROL_TYPE_CANNY: 0, pb.CONTROL_TYPE_DEPTH: 2, pb.CONTROL_TYPE_POSE: 4}
 CONTROL_NAMES: dict[int, str] = {pb.CONTROL_TYPE_CANNY: "canny", pb.CONTROL_TYPE_DEPTH: "depth",

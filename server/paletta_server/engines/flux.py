@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta_server.engines.common import LoadContext, ModelSource, ProgressSink, pretrained_location, step_callback
+from paletta_server.engines.common import ProgressSink, pretrained_location, step_callback
+from paletta_server.models.types import LoadContext, ModelSource
 
 NF4_COMPONENTS = ["transformer", "text_encoder_2"]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from paletta_server.engines import flux
-from paletta_server.engines.common import LoadContext, ModelSource, ProgressSink
+from paletta_server.engines.common import ProgressSink
+from paletta_server.models.types import LoadContext, ModelSource
 
 
 def load_kontext(source: ModelSource, lc: LoadContext) -> Any:

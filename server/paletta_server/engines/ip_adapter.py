@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paletta_server.engines.common import LoadContext, ModelSource, pretrained_location
+from paletta_server.engines.common import pretrained_location
 from paletta_server.errors import ModelUnavailable
+from paletta_server.models.types import LoadContext, ModelSource
 
 DEFAULT_WEIGHT = 0.7
 WEIGHT_FILE = "ip_adapter.safetensors"
@@ -152,16 +153,13 @@ def detach(pipe: Any) -> None:
 
 
 @contextmanager
-def applied_image_prompt(pipe: Any, image_prompt: Any, ctx: Any) -> Iterator[tuple[dict, dict]]:
-    """Put the IP-Adapter into ``pipe`` for one job; yields (pipeline kwargs, applied parameters)."""
-    weight = float(image_prompt.weight) if image_prompt.HasField("weight") else DEFAULT_WEIGHT
-    weights = ctx.model("ip-adapter")
-    encoder = ctx.model("clip-vit-large")
-    image = ctx.open_image(image_prompt.image.asset).convert("RGB")
+def applied_image_prompt(pipe: Any, weights: Any, encoder: Any, image: Any, weight: float
+                         ) -> Iterator[dict]:
+    """Put the IP-Adapter (``weights`` with its CLIP ``encoder``) into ``pipe`` for one job,
+    conditioned on ``image`` at ``weight``; yields the pipeline kwargs."""
     _attach(pipe, weights, encoder)
     try:
         pipe.set_ip_adapter_scale(weight)
-        applied = {"image": image_prompt.image.asset, "weight": round(weight, 4), "model": "ip-adapter"}
-        yield {"ip_adapter_image": image}, applied
+        yield {"ip_adapter_image": image.convert("RGB")}
     finally:
         detach(pipe)

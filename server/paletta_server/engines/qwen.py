@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from paletta_server.engines import flux
-from paletta_server.engines.common import LoadContext, ModelSource, ProgressSink, step_callback
+from paletta_server.engines.common import ProgressSink, step_callback
+from paletta_server.models.types import LoadContext, ModelSource
 
 FULL_AREA = 1024 * 1024
 _patch_lock = threading.Lock()

@@ -1,11 +1,13 @@
-"""Job store on SQLite through SQLAlchemy: jobs, their requests, and every event with its seq.
+"""Job store on SQLite through SQLAlchemy: jobs, what they were asked, and every event with its seq.
 
-Events are stored as serialized ``paletta.v1.JobEvent`` messages (the contract is the record
-format), so replaying after a restart returns exactly what live watchers saw.
+The contract is the record format: a job's spec is a serialized ``paletta.v1.JobSpec``, its error
+a serialized ``google.rpc.Status``, its events serialized ``paletta.v1.JobEvent`` messages, so
+replaying after a restart returns exactly what live watchers saw.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Callable
@@ -19,20 +21,19 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
-    Text,
     and_,
     create_engine,
     event,
     func,
     insert,
+    inspect,
     or_,
     select,
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
-FINAL = (SUCCEEDED, FAILED, CANCELLED)
+from paletta_server.jobs.state import FINAL, JobState
 
 
 class Base(DeclarativeBase):
@@ -47,15 +48,13 @@ class JobRow(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     priority: Mapped[int] = mapped_column(Integer)
     request_id: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
-    request: Mapped[bytes] = mapped_column(LargeBinary)
+    spec: Mapped[bytes] = mapped_column(LargeBinary)  # serialized paletta.v1.JobSpec
     model_key: Mapped[str] = mapped_column(String(64), default="")
     cancel_on_disconnect: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[datetime] = mapped_column(DateTime, index=True)
     started: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     ended: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    error_code: Mapped[str] = mapped_column(String(32), default="")
-    error_reason: Mapped[str] = mapped_column(String(64), default="")
-    error_message: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # serialized google.rpc.Status
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
 
 
@@ -78,6 +77,17 @@ class OutputRow(Base):
     approved_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
+def _set_aside_older_schema(engine, path: Path) -> None:  # noqa: ANN001
+    """A store written before jobs kept their spec (the pre-release schema) is renamed, not lost."""
+    if "jobs" in inspect(engine).get_table_names() and "spec" not in {
+            c["name"] for c in inspect(engine).get_columns("jobs")}:
+        engine.dispose()
+        aside = path.with_suffix(".pre-spec.db")
+        path.rename(aside)
+        logging.getLogger(__name__).warning("job store %s has an older schema; kept as %s, starting a new one",
+                                            path, aside)
+
+
 def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -98,6 +108,7 @@ class JobStore:
             cur.execute("PRAGMA busy_timeout=5000")
             cur.close()
 
+        _set_aside_older_schema(self.engine, path)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.Lock()
@@ -106,11 +117,11 @@ class JobStore:
         return self._sessions()
 
     # -- jobs ----------------------------------------------------------------------------
-    def create(self, capability: str, request: bytes, priority: int, request_id: str, model_key: str,
+    def create(self, capability: str, spec: bytes, priority: int, request_id: str, model_key: str,
                cancel_on_disconnect: bool) -> JobRow:
         row = JobRow(
-            id=uuid.uuid4().hex, capability=capability, state=QUEUED, priority=priority,
-            request_id=request_id or None, request=request, model_key=model_key,
+            id=uuid.uuid4().hex, capability=capability, state=JobState.QUEUED.value, priority=priority,
+            request_id=request_id or None, spec=spec, model_key=model_key,
             cancel_on_disconnect=cancel_on_disconnect, created=now(),
         )
         with self._lock, self.session() as s:
@@ -126,32 +137,33 @@ class JobStore:
         with self.session() as s:
             return s.scalars(select(JobRow).where(JobRow.request_id == request_id)).first()
 
-    def list(self, states: list[str], capability: str, after: str | None, limit: int) -> list[JobRow]:
-        """Newest first; ``after`` is "created-iso|id" of the last job of the previous page."""
+    def list(self, states: list[str], capability: str, after: tuple[datetime, str] | None, limit: int
+             ) -> list[JobRow]:
+        """Newest first; ``after`` is (created, id) of the last job of the previous page."""
         query = select(JobRow).order_by(JobRow.created.desc(), JobRow.id.desc())
         if states:
             query = query.where(JobRow.state.in_(states))
         if capability:
             query = query.where(JobRow.capability == capability)
-        if after:
-            created_text, _, job_id = after.partition("|")
-            created = datetime.fromisoformat(created_text)
+        if after is not None:
+            created, job_id = after
             query = query.where(or_(JobRow.created < created, and_(JobRow.created == created, JobRow.id < job_id)))
         with self.session() as s:
             return list(s.scalars(query.limit(limit)))
 
-    def in_state(self, state: str) -> list[JobRow]:
+    def in_state(self, state: JobState) -> list[JobRow]:
         with self.session() as s:
-            return list(s.scalars(select(JobRow).where(JobRow.state == state).order_by(JobRow.created)))
+            return list(s.scalars(select(JobRow).where(JobRow.state == state.value).order_by(JobRow.created)))
 
-    def set_state(self, job_id: str, state: str, *, error: tuple[str, str, str] | None = None) -> JobRow:
-        values: dict = {"state": state}
-        if state == RUNNING:
+    def set_state(self, job_id: str, state: JobState, *, error: bytes | None = None) -> JobRow:
+        """Write a state the manager's state machine has checked; ``error`` is a serialized Status."""
+        values: dict = {"state": state.value}
+        if state == JobState.RUNNING:
             values["started"] = now()
         if state in FINAL:
             values["ended"] = now()
-        if error:
-            values["error_code"], values["error_reason"], values["error_message"] = error
+        if error is not None:
+            values["error"] = error
         jobs = JobRow.__table__
         with self._lock, self.engine.begin() as conn:  # Core: on every job's path, twice
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
@@ -212,13 +224,21 @@ class JobStore:
             s.commit()
             return True
 
-    def approved(self, offset: int, limit: int) -> list[tuple[JobRow, OutputRow]]:
+    def approved(self, after: tuple[datetime, str, int] | None, limit: int) -> list[tuple[JobRow, OutputRow]]:
+        """Approved outputs, newest job first; ``after`` is (created, job id, index) of the previous page's last."""
         query = (select(JobRow, OutputRow).join(OutputRow, OutputRow.job_id == JobRow.id)
                  .where(OutputRow.approved.is_(True))
-                 .order_by(JobRow.created.desc(), OutputRow.index).offset(offset).limit(limit))
+                 .order_by(JobRow.created.desc(), JobRow.id.desc(), OutputRow.index))
+        if after is not None:
+            created, job_id, index = after
+            query = query.where(or_(
+                JobRow.created < created,
+                and_(JobRow.created == created, or_(JobRow.id < job_id,
+                                                    and_(JobRow.id == job_id, OutputRow.index > index)))))
+        query = query.limit(limit)
         with self.session() as s:
             return [(j, o) for j, o in s.execute(query)]
 
-    def count(self, state: str) -> int:
+    def count(self, state: JobState | str) -> int:
         with self.session() as s:
-            return s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == state)) or 0
+            return s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == JobState(state).value)) or 0

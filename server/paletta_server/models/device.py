@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta_server.engines.common import Device
 from paletta_server.models.profiles import Profile
+from paletta_server.models.types import Device
 
 
 def _nvml() -> Any | None:

@@ -1,4 +1,6 @@
-"""Registry: each model key → where it loads from, which engine loads it, who uses it.
+"""Registry: each model key → where it loads from and which engine loads it.
+
+Which capabilities use a model is declared by the capabilities (``Capability.model_keys``).
 
 Sources default to a Hugging Face repo id + revision. They are overridden, in order, by
 ``[models.<key>]`` in ``<data-dir>/paletta.toml`` (``path``, ``repo``, ``revision``) and by the
@@ -13,15 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from paletta_server.config import Config
-from paletta_server.engines.common import ModelSource
 from paletta_server.models.profiles import PROFILES, Profile
+from paletta_server.models.types import ModelSource
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     key: str
     repo: str
-    capabilities: tuple[str, ...]
     # "module:function" in paletta_server.engines that loads it: fn(source, LoadContext) -> object.
     loader: str
     # "module:function" in paletta_server.engines.tiny that writes a tiny random-weight build to a folder.
@@ -38,43 +39,43 @@ _E = "paletta_server.engines"
 _T = "paletta_server.engines.tiny"
 
 SPECS: tuple[ModelSpec, ...] = (
-    ModelSpec("flux-schnell", "black-forest-labs/FLUX.1-schnell", ("generate",),
+    ModelSpec("flux-schnell", "black-forest-labs/FLUX.1-schnell",
               f"{_E}.flux:load_flux", f"{_T}.flux:build_schnell", estimated_bytes=12 * GB),
-    ModelSpec("flux-kontext", "black-forest-labs/FLUX.1-Kontext-dev", ("edit",),
+    ModelSpec("flux-kontext", "black-forest-labs/FLUX.1-Kontext-dev",
               f"{_E}.flux_edit:load_kontext", f"{_T}.flux_family:build_kontext", estimated_bytes=12 * GB),
-    ModelSpec("flux-fill", "black-forest-labs/FLUX.1-Fill-dev", ("inpaint", "outpaint"),
+    ModelSpec("flux-fill", "black-forest-labs/FLUX.1-Fill-dev",
               f"{_E}.flux_edit:load_fill", f"{_T}.flux_family:build_fill", estimated_bytes=12 * GB),
-    ModelSpec("flux-controlnet-union", "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro", ("control",),
+    ModelSpec("flux-controlnet-union", "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro",
               f"{_E}.control:load_control", f"{_T}.flux_family:build_control", estimated_bytes=14 * GB),
-    ModelSpec("flux-dev", "black-forest-labs/FLUX.1-dev", ("control",),
+    ModelSpec("flux-dev", "black-forest-labs/FLUX.1-dev",
               f"{_E}.control:load_dev_source", f"{_T}.flux_family:build_dev", estimated_bytes=0),
-    ModelSpec("ip-adapter", "XLabs-AI/flux-ip-adapter", ("generate", "edit", "control"),
+    ModelSpec("ip-adapter", "XLabs-AI/flux-ip-adapter",
               f"{_E}.ip_adapter:load_ip_adapter", f"{_T}.flux_family:build_ip_adapter",
               filename="ip_adapter.safetensors", estimated_bytes=1 * GB),
-    ModelSpec("clip-vit-large", "openai/clip-vit-large-patch14", ("generate", "edit", "control"),
+    ModelSpec("clip-vit-large", "openai/clip-vit-large-patch14",
               f"{_E}.ip_adapter:load_image_encoder", f"{_T}.flux_family:build_image_encoder", estimated_bytes=1 * GB),
-    ModelSpec("hyper-sd", "ByteDance/Hyper-SD", ("generate", "edit"),
+    ModelSpec("hyper-sd", "ByteDance/Hyper-SD",
               f"{_E}.styles:load_lora_source", f"{_T}.flux_family:build_lora",
               filename="Hyper-FLUX.1-dev-8steps-lora.safetensors"),
-    ModelSpec("qwen-image-edit", "Qwen/Qwen-Image-Edit", ("qwen_edit",),
+    ModelSpec("qwen-image-edit", "Qwen/Qwen-Image-Edit",
               f"{_E}.qwen:load_qwen_edit", f"{_T}.qwen:build_qwen_edit", estimated_bytes=20 * GB),
-    ModelSpec("realesrgan-x4plus", "ai-forever/Real-ESRGAN", ("upscale",),
+    ModelSpec("realesrgan-x4plus", "ai-forever/Real-ESRGAN",
               f"{_E}.upscale:load_realesrgan", f"{_T}.vision:build_realesrgan",
               filename="RealESRGAN_x4.pth", estimated_bytes=70 * 1024**2),
-    ModelSpec("birefnet-general", "rembg/birefnet-general", ("remove_background",),
+    ModelSpec("birefnet-general", "rembg/birefnet-general",
               f"{_E}.background:load_birefnet", f"{_T}.vision:build_birefnet",
               filename="birefnet-general.onnx", estimated_bytes=0),
-    ModelSpec("clipseg", "CIDAS/clipseg-rd64-refined", ("segment",),
+    ModelSpec("clipseg", "CIDAS/clipseg-rd64-refined",
               f"{_E}.segment:load_clipseg", f"{_T}.vision:build_clipseg", estimated_bytes=600 * 1024**2),
-    ModelSpec("detr-resnet-50", "facebook/detr-resnet-50", ("detect", "analyze"),
+    ModelSpec("detr-resnet-50", "facebook/detr-resnet-50",
               f"{_E}.detect:load_detr", f"{_T}.vision:build_detr", estimated_bytes=170 * 1024**2),
-    ModelSpec("owlv2", "google/owlv2-base-patch16-ensemble", ("ground",),
+    ModelSpec("owlv2", "google/owlv2-base-patch16-ensemble",
               f"{_E}.detect:load_owlv2", f"{_T}.vision:build_owlv2", estimated_bytes=600 * 1024**2),
-    ModelSpec("blip-large", "Salesforce/blip-image-captioning-large", ("caption", "analyze"),
+    ModelSpec("blip-large", "Salesforce/blip-image-captioning-large",
               f"{_E}.caption:load_blip", f"{_T}.vision:build_blip", estimated_bytes=1 * GB),
-    ModelSpec("blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b", ("caption", "analyze"),
+    ModelSpec("blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b",
               f"{_E}.caption:load_blip2", f"{_T}.vision:build_blip2", estimated_bytes=6 * GB),
-    ModelSpec("qwen2.5-1.5b-instruct", "Qwen/Qwen2.5-1.5B-Instruct", ("expand",),
+    ModelSpec("qwen2.5-1.5b-instruct", "Qwen/Qwen2.5-1.5B-Instruct",
               f"{_E}.prompt:load_qwen_llm", f"{_T}.vision:build_qwen_llm", estimated_bytes=3 * GB),
 )
 

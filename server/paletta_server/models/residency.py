@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from paletta_server.engines.common import LoadContext, ModelSource
 from paletta_server.errors import ModelUnavailable, PalettaError
 from paletta_server.models.registry import ModelRegistry
+from paletta_server.models.types import LoadContext, ModelSource
 
 # stage, model key, done (0 = started, 1 = finished)
 LoadListener = Callable[[str, str, int], None]

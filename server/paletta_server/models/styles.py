@@ -7,9 +7,14 @@ Only safetensors files are accepted (pickled ``.bin``/``.pt`` LoRAs can run code
 from __future__ import annotations
 
 import json
+import threading
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+from paletta_server.errors import ModelUnavailable
+
+TINY_BUILDER = "paletta_server.engines.tiny.flux_family:build_style"
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ BUILTIN_STYLES: tuple[StyleSpec, ...] = (
 
 class StyleRegistry:
     def __init__(self, data_dir: Path):
+        self._build_lock = threading.Lock()
         self._styles = {s.name: s for s in BUILTIN_STYLES}
         for path in (data_dir / "styles.toml", data_dir / "styles.json"):
             if path.exists():
@@ -58,6 +64,34 @@ class StyleRegistry:
 
     def all(self) -> list[StyleSpec]:
         return [self._styles[k] for k in sorted(self._styles)]
+
+    def file(self, name: str, tiny_dir: Path | None = None) -> Path:
+        """A style's safetensors file: its local path or a Hub download; with ``tiny_dir`` (the
+        tiny profile) a random tiny LoRA built there on first use."""
+        from paletta_server.engines.common import import_object
+        from paletta_server.engines.styles import safetensors_only
+
+        spec = self._styles[name]
+        if tiny_dir is not None:
+            path = tiny_dir / f"{name}.safetensors"
+            with self._build_lock:
+                if not path.exists():
+                    import_object(TINY_BUILDER)(path, name)
+            return path
+        if spec.path is not None:
+            if not spec.path.exists():
+                raise ModelUnavailable(f"style {name!r}: {spec.path} does not exist", metadata={"style": name})
+            return safetensors_only(spec.path, f"style {name}")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            found = hf_hub_download(spec.repo, spec.weight_name)
+        except Exception as exc:  # offline, gated, missing: one clear error instead of a stack trace
+            raise ModelUnavailable(
+                f"style {name!r} ({spec.repo}/{spec.weight_name}) is not available: {type(exc).__name__}: "
+                f"{str(exc)[:200]}; download it or give the style a local path in styles.toml",
+                metadata={"style": name}) from exc
+        return safetensors_only(Path(found), f"style {name}")
 
 
 def _read_extra(path: Path, data_dir: Path) -> list[StyleSpec]:

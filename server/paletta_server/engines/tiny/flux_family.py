@@ -139,6 +139,11 @@ def name_seed(name: str) -> int:
     return zlib.crc32(name.encode()) % (2**31)
 
 
+def build_style(path: Path, name: str) -> None:
+    """A style's tiny LoRA: random weights seeded by the style's name (models/styles.py calls it)."""
+    write_lora(path, name_seed(name))
+
+
 def build_lora(folder: Path, weight_name: str = "Hyper-FLUX.1-dev-8steps-lora.safetensors") -> None:
     """The registry's hyper-sd key (a LoRA file in a folder); style LoRAs use ``write_lora`` directly."""
     write_lora(Path(folder) / weight_name, name_seed(weight_name))

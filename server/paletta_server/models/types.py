@@ -1,0 +1,56 @@
+"""Domain types of the model layer, shared with the engines: where a model runs, where it loads from.
+
+A leaf module (no imports from the rest of Paletta), so engines may use these types without
+depending on the registry or the residency manager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where models run and in which precision."""
+
+    name: str  # "cuda" or "cpu"
+    quantization: str  # effective: "nf4", "bf16" or "fp32"
+    note: str = ""  # why a fallback happened, shown in GetStatus
+
+    @property
+    def dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.quantization in ("nf4", "bf16") else torch.float32
+
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model loads from: a Hugging Face repo at a revision, or a local folder or file."""
+
+    key: str
+    repo: str = ""
+    revision: str = ""
+    path: Path | None = None
+    filename: str = ""
+
+    @property
+    def local(self) -> bool:
+        return self.path is not None
+
+    def describe(self) -> str:
+        return str(self.path) if self.path else f"{self.repo}@{self.revision}"
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """What a registry loader gets besides its own source."""
+
+    profile: Any  # models.profiles.Profile: name, quantization, tiny, acceleration settings
+    device: Device
+    # Source of another registry key (e.g. the FLUX.1-dev base under a ControlNet); builds tiny ones.
+    source_of: Callable[[str], ModelSource]
