@@ -23,6 +23,7 @@ from paletta.v1 import (
     asset_service_pb2_grpc,
     generate_service_pb2_grpc,
     image_pb2,
+    job_options_pb2,
     job_pb2,
     job_service_pb2,
     job_service_pb2_grpc,
@@ -149,7 +150,7 @@ def test_generate_writes_one_file_per_variant_with_png_bytes_intact(fake, tmp_pa
         2,
         5,
     )
-    assert request.variants == 2 and request.priority == image_pb2.PRIORITY_HIGH
+    assert request.variants == 2 and request.options.priority == job_options_pb2.PRIORITY_HIGH
     assert [(s.name, round(s.weight, 2)) for s in request.styles] == [("tarot", 0.8), ("anime", 0.0)]
     assert not request.styles[1].HasField("weight")
     assert fake.metadata[0]["authorization"] == "Bearer tok"

@@ -141,5 +141,5 @@ async def test_pipeline_mode_sends_the_script_as_steps(tmp_path, monkeypatch):
         user.find("Generate").click()
         await user.should_see("line 1: unknown mode 'paint'")
     assert not fake.generated
-    assert [[s.WhichOneof("step") for s in steps] for steps in fake.pipelines] == [["generate", "auto_mask", "inpaint"]]
+    assert [[s.WhichOneof("spec") for s in steps] for steps in fake.pipelines] == [["generate", "segment", "inpaint"]]
 
