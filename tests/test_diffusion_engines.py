@@ -12,7 +12,7 @@ from PIL import Image
 
 from paletta.v1 import control_pb2 as control_pb
 from paletta.v1 import image_pb2
-from paletta_server.capabilities import diffusion_io
+from paletta_server.capabilities import common, diffusion_io
 from paletta_server.capabilities.inpaint import outpaint_canvas
 from paletta_server.engines.common import import_object
 from paletta_server.errors import JobCancelled, ModelUnavailable
@@ -204,7 +204,7 @@ def test_ip_adapter_weight_changes_output_zero_equals_baseline_and_unloads(model
     pipe = models.model("flux-schnell") if "flux-schnell" in models.loaded else import_object(
         SPEC["flux-schnell"].loader)(models.source("flux-schnell"), models.lc)
     models.loaded["flux-schnell"] = pipe
-    ctx = job_ctx(models, tmp_path, {"assets/ref": gradient()})
+    weights, encoder = models.model("ip-adapter"), models.model("clip-vit-large")
 
     def gen(**extra):
         return pixels(flux.text_to_image(pipe, Sink(), prompt="a cat", width=64, height=64, steps=2, seed=4,
@@ -213,9 +213,8 @@ def test_ip_adapter_weight_changes_output_zero_equals_baseline_and_unloads(model
     baseline = gen()
     results = {}
     for weight in (0.0, 0.7, 1.5):
-        prompt = image_pb2.ImagePrompt(image=image_pb2.ImageRef(asset="assets/ref"), weight=weight)
-        with ip_adapter.applied_image_prompt(pipe, prompt, ctx) as (kwargs, applied):
-            assert applied["weight"] == weight and "ip_adapter_image" in kwargs
+        with ip_adapter.applied_image_prompt(pipe, weights, encoder, gradient(), weight) as kwargs:
+            assert list(kwargs) == ["ip_adapter_image"]
             results[weight] = gen(**kwargs)
     assert (results[0.0] == baseline).all()
     assert not (results[0.7] == baseline).all() and not (results[0.7] == results[1.5]).all()
@@ -246,19 +245,19 @@ def test_styles_change_output_weight_zero_is_baseline_and_exit_is_clean(models, 
     def edit(prompt="a house"):
         return pixels(flux_edit.edit(pipe, Sink(), image=gradient(), prompt=prompt, steps=2, seed=2, guidance=2.5))
 
-    def sel(*pairs):
-        return [image_pb2.StyleSelection(name=n, weight=w) for n, w in pairs]
+    def sel(*pairs):  # resolved to LoraFiles the way capabilities do it (tiny builds, default weights)
+        return common.style_loras(ctx, [image_pb2.StyleSelection(name=n, weight=w) for n, w in pairs])
 
     baseline = edit()
-    with styles.applied_styles(pipe, sel(("tarot", 0.0)), ctx, "a house") as (prompt, applied):
+    with styles.applied_styles(pipe, sel(("tarot", 0.0)), None, "a house") as (prompt, applied):
         assert prompt == "a house" and applied[0]["weight"] == 0.0  # weight 0 = off, triggers too
         zero = edit(prompt)
     assert (zero == baseline).all()
-    with styles.applied_styles(pipe, sel(("tarot", 1.0), ("koda", 0.5)), ctx, "a house") as (prompt, applied):
+    with styles.applied_styles(pipe, sel(("tarot", 1.0), ("koda", 0.5)), None, "a house") as (prompt, applied):
         assert prompt == "in the style of TOK a trtcrd tarot style, flmft style, a house"
     outs = {}
     for combo in [(("tarot", 1.0),), (("tarot", 1.8),), (("koda", 1.0),), (("tarot", 1.0), ("koda", 1.0))]:
-        with styles.applied_styles(pipe, sel(*combo), ctx, "a house") as (prompt, applied):
+        with styles.applied_styles(pipe, sel(*combo), None, "a house") as (prompt, applied):
             outs[combo] = edit()  # same prompt each time: the LoRA alone changes the image
             assert [a["name"] for a in applied] == [n for n, _ in combo]
     assert len({o.tobytes() for o in outs.values()} | {baseline.tobytes()}) == 5
@@ -277,10 +276,12 @@ def test_hyper_profile_keeps_acceleration_lora_active_under_styles(models, tmp_p
         return pixels(flux_edit.edit(pipe, Sink(), image=gradient(), prompt="a", steps=2, seed=2, guidance=2.5))
 
     plain = edit()
-    assert styles.ensure_acceleration(pipe, ctx) == "hyper-sd"
+    acceleration = common.acceleration_lora(ctx)
+    assert styles.ensure_acceleration(pipe, acceleration) == "hyper-sd"
     accelerated = edit()
     assert not (accelerated == plain).all()
-    with styles.applied_styles(pipe, [image_pb2.StyleSelection(name="anime", weight=1.0)], ctx, "a"):
+    anime = common.style_loras(ctx, [image_pb2.StyleSelection(name="anime", weight=1.0)])
+    with styles.applied_styles(pipe, anime, acceleration, "a"):
         assert set(pipe.get_active_adapters()) == {"anime", "hyper-sd"}
     assert pipe.get_active_adapters() == ["hyper-sd"] and (edit() == accelerated).all()
 

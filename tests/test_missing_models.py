@@ -25,7 +25,8 @@ from paletta.v1 import (
     upscale_pb2,
 )
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
-from paletta_server.api.capabilities import CAPABILITY_RPCS
+from paletta_server.api.capabilities import capability_rpcs
+from paletta_server.capabilities import discover
 from tests.helpers import collect, png_bytes, upload
 
 
@@ -51,7 +52,14 @@ def requests(image: image_pb2.ImageRef, mask: image_pb2.ImageRef) -> dict[str, t
     }
 
 
-RPC = {cap: (module, service, rpc) for (module, service, rpc), cap in CAPABILITY_RPCS.items()}
+# Derived from the capability declarations: a new capability without an example request fails below.
+RPC = {cap.name: (module, service, rpc) for (module, service, rpc), cap in capability_rpcs(discover()).items()}
+
+
+def test_every_capability_has_an_rpc_and_an_example_here():
+    assert set(RPC) == set(discover())
+    example = requests(image_pb2.ImageRef(asset="a"), image_pb2.ImageRef(asset="m"))
+    assert set(example) == set(RPC) - {"pipeline"}
 
 
 def reason(status) -> str:
@@ -79,7 +87,7 @@ async def test_missing_model_fails_fast_for_every_capability(no_weights, capabil
     handle, reqs = no_weights
     request, model = reqs[capability]
     module, service, rpc = RPC[capability]
-    stub = getattr(importlib.import_module(f"paletta.v1.{module}_pb2_grpc"), f"{service}Stub")(handle.channel)
+    stub = getattr(importlib.import_module(module), f"{service}Stub")(handle.channel)
     start = time.monotonic()
     events = await collect(getattr(stub, rpc)(request))
     job = events[-1].finished.job

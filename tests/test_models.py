@@ -50,7 +50,7 @@ def test_measures_bytes_and_evicts_least_recently_used(residency):
 
 def test_unknown_size_is_measured_then_made_room_for(residency):
     residency.registry.specs["c"] = residency.registry.specs["c"].__class__(
-        "c", "test/c", ("test",), "tests.test_models:_load_c", "", estimated_bytes=0)
+        "c", "test/c", "tests.test_models:_load_c", "", estimated_bytes=0)
     residency.ensure_resident("a")
     residency.ensure_resident("b")
     residency.ensure_resident("c")  # 4 + 4 + 5 > 10: the least recently used goes after the load
