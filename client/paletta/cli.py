@@ -519,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``paletta`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.func is cmd_serve:
+    if args.command == "serve":
         return cmd_serve(args)
     try:
         with make_client(args) as client:

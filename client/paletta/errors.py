@@ -188,12 +188,14 @@ def _rich_status(err: grpc.RpcError) -> status_pb2.Status | None:
     try:
         from grpc_status import rpc_status
 
-        return rpc_status.from_call(err)  # type: ignore[arg-type]
+        status: status_pb2.Status | None = rpc_status.from_call(err)  # type: ignore[arg-type]
+        return status
     except ValueError:
         pass  # code or message differ from the status proto: trust the proto's details anyway
     except Exception:  # noqa: BLE001 - a call object without metadata; fall through
         return None
-    for key, value in err.trailing_metadata() or ():  # type: ignore[attr-defined]
+    metadata: Any = err.trailing_metadata() or ()
+    for key, value in metadata:
         if key == _DETAILS_KEY:
             return status_pb2.Status.FromString(value)
     return None
@@ -201,8 +203,8 @@ def _rich_status(err: grpc.RpcError) -> status_pb2.Status | None:
 
 def from_rpc_error(err: grpc.RpcError) -> PalettaError:
     """Convert a ``grpc.RpcError`` (sync or ``grpc.aio``) into the matching :class:`PalettaError`."""
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
-    message = (err.details() if hasattr(err, "details") else str(err)) or ""  # type: ignore[attr-defined]
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    message = (err.details() if hasattr(err, "details") else str(err)) or ""
     status = _rich_status(err)
     extra = _details(status) if status is not None else {}
     if status is not None and status.message:
