@@ -378,7 +378,7 @@ def test_sync_and_async_clients_and_handles_have_the_same_public_methods():
             assert list(inspect.signature(sync).parameters) == list(inspect.signature(aio).parameters), name
 
 
-def test_async_capability_calls_return_an_awaitable_handle_without_sending_anything():
+async def test_async_capability_calls_return_an_awaitable_handle_without_sending_anything():
     client = paletta.AsyncClient("127.0.0.1:1")
     handle = client.edit(b"not sent", "make it night")
     assert isinstance(handle, paletta.AsyncJobHandle) and inspect.isawaitable(handle)
