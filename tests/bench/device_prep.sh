@@ -35,6 +35,7 @@ REQUIRED=(
   "protobuf==$(version protobuf)"
   "googleapis-common-protos==$(version googleapis-common-protos)"
   "nvidia-ml-py==$(version nvidia-ml-py)"   # device detection goes through NVML (models/device.py)
+  "isal==$(version isal)"                   # storage/png.py
 )
 # What diffusers needs in versions the device's transformers stack may predate; installed there only
 # when the device's own copy does not satisfy diffusers (see gpu_device.sh).
@@ -140,7 +141,7 @@ from pathlib import Path
 
 for name in ("grpc", "google.protobuf", "google.rpc.status_pb2", "grpc_status.rpc_status", "grpc_health.v1.health",
              "grpc_reflection.v1alpha.reflection", "sqlalchemy", "greenlet", "pynvml", "diffusers",
-             "huggingface_hub", "safetensors", "paletta", "paletta.v1.job_pb2", "paletta.v1.generate_service_pb2_grpc",
+             "huggingface_hub", "safetensors", "isal.isal_zlib", "paletta_server.storage.png", "paletta", "paletta.v1.job_pb2", "paletta.v1.generate_service_pb2_grpc",
              "paletta_server.server"):
     module = importlib.import_module(name)
     print(f"  ok {name} {getattr(module, '__version__', '')}")
