@@ -73,6 +73,27 @@ class ResourceExhausted(PalettaError):
         self.retry_after_s = retry_after_s
 
 
+class Unauthenticated(PalettaError):
+    """The call carried no bearer token, or the wrong one."""
+
+    code = "UNAUTHENTICATED"  # canonical gRPC code name
+    reason = "UNAUTHENTICATED"
+
+
+class Unimplemented(PalettaError):
+    """The method does not exist on this server (an unknown service, or a newer client)."""
+
+    code = "UNIMPLEMENTED"  # canonical gRPC code name
+    reason = "UNIMPLEMENTED"
+
+
+class MalformedRequest(PalettaError):
+    """The request's bytes do not parse as its message (bad UTF-8 in a string, truncated data)."""
+
+    code = "INVALID_ARGUMENT"  # canonical gRPC code name
+    reason = "MALFORMED_REQUEST"
+
+
 class ModelUnavailable(FailedPrecondition):
     """A model's weights are neither on disk nor downloadable."""
 
