@@ -18,6 +18,8 @@ ROOT=$PWD
 VENV_PY=${VENV_PY:-$ROOT/.venv/bin/python}
 DEST=$ROOT/.device/wheels
 FALLBACK=$DEST/fallback   # installed on the device only where its own copy is too old or missing
+rm -rf "$FALLBACK"   # small; re-downloaded so no stale version lingers
+rm -rf "$ROOT/.device/site"   # made on the device by gpu_device.sh; never carried
 mkdir -p "$DEST" "$FALLBACK"
 
 version() { "$VENV_PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
@@ -39,9 +41,10 @@ REQUIRED=(
 )
 # What diffusers needs in versions the device's transformers stack may predate; installed there only
 # when the device's own copy does not satisfy diffusers (see gpu_device.sh).
+# The oldest releases diffusers accepts: newer huggingface-hub (2.x) needs httpx2, which the device lacks.
 FALLBACKS=(
-  "huggingface-hub==$(version huggingface-hub)"
-  "safetensors==$(version safetensors)"
+  "huggingface-hub==1.32.0"
+  "safetensors==0.8.0"
 )
 PLATFORM=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312
           --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
@@ -134,7 +137,7 @@ if [[ ${1:-} == --check ]]; then
   "$PY312" -m pip install -q --no-deps --target "$CHECK/site" "$DEST"/*.whl "$FALLBACK"/*.whl
   # The device has these already; the check Python 3.12 here does not.
   "$PY312" -m pip install -q --target "$CHECK/base" numpy Pillow typing-extensions filelock requests regex tqdm \
-    pyyaml packaging "huggingface-hub==$(version huggingface-hub)" 2> >(grep -v "is ignored: it is neither" >&2)
+    pyyaml packaging "huggingface-hub==1.32.0" 2> >(grep -v "is ignored: it is neither" >&2)
   PYTHONPATH=server:client:webui:.:$CHECK/site:$CHECK/base "$PY312" - <<'PY'
 import asyncio, importlib, sys, tempfile
 from pathlib import Path

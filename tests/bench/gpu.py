@@ -163,7 +163,7 @@ def build_full_component(name: str, dest: Path, fill: bool = False) -> dict[str,
     torch.set_default_dtype(torch.bfloat16)
     torch.manual_seed(0)
     try:
-        with torch.device("cuda"):
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             if name == "transformer":
                 from diffusers import FluxTransformer2DModel
 
@@ -188,7 +188,8 @@ def build_full_component(name: str, dest: Path, fill: bool = False) -> dict[str,
         torch.set_default_dtype(previous)
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return {"params": params, "construct_s": built, "total_s": time.perf_counter() - start}
 
 
