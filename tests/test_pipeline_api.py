@@ -17,7 +17,7 @@ from paletta.v1 import (
     segment_pb2,
     upscale_pb2,
 )
-from tests.helpers import collect, error_reason, download_image, field_violations, png_bytes, upload
+from tests.helpers import collect, download_image, error_reason, field_violations, png_bytes, upload
 
 Step = job_spec_pb2.JobSpec
 GEN = generate_pb2.GenerateRequest(prompt="a knight", width=64, height=48, steps=2, seed=3)

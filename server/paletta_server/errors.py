@@ -85,24 +85,31 @@ class ResourceExhausted(PalettaError):
         self.retry_after_s = retry_after_s
 
 
-class ModelUnavailable(FailedPrecondition):
-    """A model's weights are neither on disk nor downloadable."""
-
-    reason = "MODEL_UNAVAILABLE"
-
-
 class Unauthenticated(PalettaError):
-    """The call lacks valid credentials."""
+    """The call carried no bearer token, or the wrong one."""
 
-    code = "UNAUTHENTICATED"
+    code = "UNAUTHENTICATED"  # canonical gRPC code name
     reason = "UNAUTHENTICATED"
 
 
 class Unimplemented(PalettaError):
-    """The method or capability is not served by this server."""
+    """The method does not exist on this server (an unknown service, or a newer client)."""
 
-    code = "UNIMPLEMENTED"
+    code = "UNIMPLEMENTED"  # canonical gRPC code name
     reason = "UNIMPLEMENTED"
+
+
+class MalformedRequest(PalettaError):
+    """The request's bytes do not parse as its message (bad UTF-8 in a string, truncated data)."""
+
+    code = "INVALID_ARGUMENT"  # canonical gRPC code name
+    reason = "MALFORMED_REQUEST"
+
+
+class ModelUnavailable(FailedPrecondition):
+    """A model's weights are neither on disk nor downloadable."""
+
+    reason = "MODEL_UNAVAILABLE"
 
 
 class Interrupted(PalettaError):

@@ -19,6 +19,7 @@ from paletta.v1 import (
 from paletta_server.api.assets import AssetServicer
 from paletta_server.api.auth import BearerTokenInterceptor
 from paletta_server.api.capabilities import add_capability_services
+from paletta_server.api.interceptors import RequestHardeningInterceptor
 from paletta_server.api.jobs import JobServicer
 from paletta_server.api.system import StyleServicer, SystemServicer
 from paletta_server.app import PalettaApp
@@ -34,7 +35,9 @@ class PalettaServer:
     def __init__(self, config: Config):
         self.config = config
         self.app = PalettaApp(config)
-        interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
+        # Auth first, so an unauthenticated caller learns nothing about which methods exist.
+        interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(config.token)] if config.token else []
+        interceptors.append(RequestHardeningInterceptor())
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),
             ("grpc.max_send_message_length", MESSAGE_LIMIT),

@@ -7,17 +7,16 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from paletta_server.api.errors import refusal_handler
+from paletta_server.errors import Unauthenticated
+
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
-
-        async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny = refusal_handler(Unauthenticated("missing or wrong bearer token"))
 
     async def intercept_service(
         self,

@@ -21,6 +21,19 @@ async def abort(context: grpc.aio.ServicerContext, exc: PalettaError) -> None:
     await context.abort_with_status(rpc_status.to_status(to_status(exc)))
 
 
+def refusal_handler(exc: PalettaError) -> grpc.RpcMethodHandler:
+    """A handler that answers any call with ``exc``'s rich status (auth, unknown methods).
+
+    Stream-stream and no deserializer, so it fits every call shape and aborts without waiting
+    for, or parsing, a single request message.
+    """
+
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await abort(context, exc)
+
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 def unary(method: Callable) -> Callable:
     """Decorate a unary servicer method: PalettaError → rich status."""
 

@@ -13,6 +13,8 @@ from paletta_server.capabilities.base import PrepareContext
 from paletta_server.errors import FieldViolation, InvalidArgument, invalid
 
 MAX_PROMPT = 2000
+# Seeds are int64 on the wire (JobOutput.seed included).
+SEED_LIMIT = 2**63
 
 
 class Violations:
@@ -70,8 +72,25 @@ def default_variants(v: Violations, request: Any) -> None:
     default_count(v, request, "variants", 1, 8)
 
 
+def check_seed(v: Violations, request: Any, field_name: str = "seed") -> None:
+    """Refuse a seed whose variants would leave int64: variant i uses seed + i, and every output
+    reports its seed in an int64 field, so the domain is [0, 2^63 - variants]."""
+    if not request.HasField(field_name):
+        return
+    # Requests without variants (Expand) produce one output.
+    variants = request.variants if "variants" in request.DESCRIPTOR.fields_by_name else 1
+    highest = SEED_LIMIT - max(variants, 1)
+    seed = getattr(request, field_name)
+    if not 0 <= seed <= highest:
+        v.add(field_name, f"must be in [0, {highest}] with {max(variants, 1)} variant(s), got {seed}")
+
+
 def resolve_seed(request: Any) -> None:
-    """Fix a random seed on the request so the job is reproducible and restart-safe."""
+    """Check the seed, or fix a random one, so the job is reproducible and restart-safe."""
+    v = Violations()
+    check_seed(v, request)
+    # Callers run this after their own raise_if_any, so a bad seed is reported on its own.
+    v.raise_if_any()
     if not request.HasField("seed"):
         request.seed = random.randrange(0, 2**31)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from paletta_server.engines import nf4_cache
 from paletta_server.engines.common import ProgressSink, pretrained_location, step_callback
 from paletta_server.models.types import LoadContext, ModelSource
 
@@ -14,7 +15,7 @@ NF4_COMPONENTS = ["transformer", "text_encoder_2"]
 def pretrained_kwargs(source: ModelSource, lc: LoadContext, quantize: list[str] | None = None) -> dict[str, Any]:
     """from_pretrained arguments for a registry source: local folder or repo@revision, dtype, NF4."""
     kwargs: dict[str, Any] = {"dtype": lc.device.dtype, **pretrained_location(source)[1]}
-    if lc.device.quantization == "nf4" and lc.device.name == "cuda":
+    if lc.device.quantization == "nf4" and lc.device.name == "cuda" and quantize != []:
         import torch
         from diffusers.quantizers import PipelineQuantizationConfig
 
@@ -30,9 +31,22 @@ def pretrained_kwargs(source: ModelSource, lc: LoadContext, quantize: list[str] 
 def load_pipeline(cls: Any, source: ModelSource, lc: LoadContext, quantize: list[str] | None = None,
                   **extra: Any) -> Any:
     """Load a diffusers pipeline class from a source and move it to the device."""
-    pipe = cls.from_pretrained(pretrained_location(source)[0], **pretrained_kwargs(source, lc, quantize), **extra)
+    pipe = from_pretrained(cls, source, lc, quantize, **extra)
     pipe.to(lc.device.name)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def from_pretrained(cls: Any, source: ModelSource, lc: LoadContext, quantize: list[str] | None = None,
+                    **extra: Any) -> Any:
+    """``cls.from_pretrained``, NF4 components taken from or else added to the cache (engines/nf4_cache.py)."""
+    components = NF4_COMPONENTS if quantize is None else quantize
+    cache = nf4_cache.cache_dir(lc)
+    cached = nf4_cache.load(cache, source, components, lc) if cache else {}
+    todo = [c for c in components if c not in cached]
+    pipe = cls.from_pretrained(pretrained_location(source)[0], **pretrained_kwargs(source, lc, todo), **cached, **extra)
+    if cache and todo:
+        nf4_cache.store(cache, source, todo, pipe)
     return pipe
 
 

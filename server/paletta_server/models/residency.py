@@ -118,7 +118,8 @@ class ResidencyManager:
             )
         loader = import_object(spec.loader)
         try:
-            return loader(source, LoadContext(self.registry.profile, self.device, self.source))
+            return loader(source, LoadContext(self.registry.profile, self.device, self.source,
+                                              self.registry.config.models_dir / "nf4-cache"))
         except PalettaError:
             raise
         except (OSError, ConnectionError, ValueError, ImportError) as exc:

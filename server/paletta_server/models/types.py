@@ -54,3 +54,5 @@ class LoadContext:
     device: Device
     # Source of another registry key (e.g. the FLUX.1-dev base under a ControlNet); builds tiny ones.
     source_of: Callable[[str], ModelSource]
+    # Where loaders may cache converted weights (NF4-quantized components), inside the data dir.
+    cache_dir: Path | None = None

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from paletta_server.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted, invalid
+from paletta_server.storage.png import encode_png
 
 _NAME = re.compile(r"^assets/([0-9a-f]{64})$")
 _FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -104,14 +105,8 @@ class AssetStore:
 
     def put_image(self, image: Image.Image, parameters: dict | None = None) -> AssetInfo:
         """Store a PIL image as PNG, with effective parameters in a 'parameters' text chunk."""
-        from PIL.PngImagePlugin import PngInfo
-
-        info = PngInfo()
-        if parameters is not None:
-            info.add_text("parameters", json.dumps(parameters, sort_keys=True))
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", pnginfo=info, compress_level=1)
-        return self._write(buf.getvalue(), "image/png", image.width, image.height)
+        text = {"parameters": json.dumps(parameters, sort_keys=True)} if parameters is not None else {}
+        return self._write(encode_png(image, text), "image/png", image.width, image.height)
 
     def _write(self, data: bytes, mime: str, width: int, height: int) -> AssetInfo:
         digest = hashlib.sha256(data).hexdigest()

@@ -1,0 +1,737 @@
+"""Full-size FLUX.1 benchmark on a GPU: Paletta's own server, loaders and SDK on random weights of the
+real sizes (same FLOPs and memory as the released checkpoints, nothing to download).
+
+    python -m tests.bench.gpu [--out bench-out/gpu] [--budget-s 390]     # on a CUDA machine
+    python -m tests.bench.gpu --size tiny --steps 2 --runs 2             # same code path, CPU, tiny models
+
+What it does, writing ``<out>/results.json`` after every figure (a cut-off run still returns what it had):
+
+1. Builds the tiny FLUX folders of the project (schnell, Kontext, Fill; engines/tiny), then, at full
+   size, replaces their transformer, T5-XXL, CLIP-L and VAE with full-size random-weight components
+   built on the GPU in bf16 and saved into a tmpfs (see /work/shared/notes/gpu.md); the tiny
+   character tokenizers stay. One transformer (with guidance embeddings) serves schnell and Kontext.
+2. Per profile (``fast`` = NF4 on CUDA, ``quality`` = bf16) it starts the real server in-process
+   with ``PALETTA_MODEL_<KEY>`` pointing at those folders and measures, for Generate (schnell, 4 steps),
+   Kontext Edit and, when time allows, Fill inpaint: gRPC time / direct engine call on the same
+   resident pipeline (median of ``--runs``), s/step, progress latency, the job's time line from its
+   events (submitted → started → first / last step → output → finished → client), measured resident
+   bytes (GetStatus) and peak allocated memory; the first image after server start (load included);
+   for Generate and Edit the PNG encode (Pillow as the server does today, and storage/png.py), sha256
+   and atomic write of the real output. Then a second ``fast`` start on the same data dir gives the
+   first-image time with the NF4 cache warm (engines/nf4_cache.py).
+
+Stages run in order of importance and are skipped when their estimate no longer fits ``--budget-s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+KEYS = ("flux-schnell", "flux-kontext", "flux-fill")
+PROMPT = "a lighthouse on a cliff at dusk, storm clouds, photograph"
+EDIT_PROMPT = "make it a snowy winter night"
+FILL_PROMPT = "a wooden door"
+FULL = {  # FLUX.1 component shapes (shared/notes/gpu.md)
+    "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+    "t5": dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+               relative_attention_max_distance=128, layer_norm_epsilon=1e-6, tie_word_embeddings=False),
+    # bos / eos / pad ids match the tiny CLIP tokenizer that stays in the folders
+    "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",
+                 bos_token_id=0, eos_token_id=1, pad_token_id=1),
+    "vae": dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
+                use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611, sample_size=1024),
+}
+log = logging.getLogger("paletta.bench.gpu")
+
+
+# -- results ---------------------------------------------------------------------------------------
+class Results:
+    """Nested dict written to ``<out>/results.json`` (atomically) after every ``put``."""
+
+    def __init__(self, out: Path, started: float):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.started = started
+        self.data: dict[str, Any] = {"meta": {}, "build": {}, "profiles": {}, "skipped": [], "errors": [],
+                                     "elapsed_s": 0.0}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def put(self, path: str, value: Any) -> None:
+        node = self.data
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _plain(value)
+        self.flush()
+
+    def append(self, key: str, value: Any) -> None:
+        self.data[key].append(_plain(value))
+        self.flush()
+
+    def flush(self) -> None:
+        self.data["elapsed_s"] = round(self.elapsed(), 2)
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=False))
+        tmp.replace(self.out / "results.json")
+
+    def say(self, text: str) -> None:
+        print(f"[{self.elapsed():6.1f}s] {text}", flush=True)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float):
+        return round(value, 6)
+    return value
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+# -- models ----------------------------------------------------------------------------------------
+def work_dir(size: str, needed_bytes: int) -> Path:
+    """A tmpfs folder when one has room (weights load from memory), else a temp folder on disk."""
+    shm = Path("/dev/shm")
+    if size == "full" and shm.is_dir() and shutil.disk_usage(shm).free >= needed_bytes:
+        return Path(tempfile.mkdtemp(prefix="paletta-gpu-bench-", dir=shm))
+    return Path(tempfile.mkdtemp(prefix="paletta-gpu-bench-"))
+
+
+def build_tiny_folders(models: Path) -> dict[str, Path]:
+    """The project's tiny FLUX folders, built by the registry's own tiny builders."""
+    from paletta_server.engines.common import import_object
+    from paletta_server.models.registry import SPECS
+
+    specs = {spec.key: spec for spec in SPECS}
+    folders = {}
+    for key in KEYS:
+        folder = models / "tiny" / key
+        if not (folder / ".complete").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            import_object(specs[key].tiny_builder)(folder)
+            (folder / ".complete").touch()
+        folders[key] = folder
+    return folders
+
+
+def build_full_component(name: str, dest: Path, fill: bool = False) -> dict[str, float]:
+    """Construct one full-size component on the GPU in bf16 and save it; returns parameters and seconds."""
+    import torch
+
+    start = time.perf_counter()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    torch.manual_seed(0)
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            if name == "transformer":
+                from diffusers import FluxTransformer2DModel
+
+                shape = dict(FULL["transformer"], **({"in_channels": 384, "out_channels": 64} if fill else {}))
+                model = FluxTransformer2DModel(**shape)
+            elif name == "text_encoder_2":
+                from transformers import T5Config, T5EncoderModel
+
+                model = T5EncoderModel(T5Config(**FULL["t5"]))
+            elif name == "text_encoder":
+                from transformers import CLIPTextConfig, CLIPTextModel
+
+                model = CLIPTextModel(CLIPTextConfig(**FULL["clip"]))
+            else:
+                from diffusers import AutoencoderKL
+
+                model = AutoencoderKL(**FULL["vae"])
+        params = sum(p.numel() for p in model.parameters())
+        built = time.perf_counter() - start
+        model.save_pretrained(dest)
+    finally:
+        torch.set_default_dtype(previous)
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"params": params, "construct_s": built, "total_s": time.perf_counter() - start}
+
+
+def room_for_fill(res: Results, work: Path, size: str) -> bool:
+    """A second full-size transformer (24 GB) must fit in the work folder and leave memory to load it."""
+    if size != "full":
+        return True
+    free = shutil.disk_usage(work).free
+    try:
+        available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        available = 0
+    if free >= 40 * 1024**3 and available >= 60 * 1024**3:
+        return True
+    res.append("skipped", {"stage": "fill", "reason": f"work folder free {free / 1e9:.0f} GB, memory available "
+                                                      f"{available / 1e9:.0f} GB"})
+    return False
+
+
+def swap_in(folder: Path, component: str, full: Path) -> None:
+    """Replace a tiny folder's component with a link to the full-size one (tokenizers stay tiny)."""
+    target = folder / component
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(target)
+    target.symlink_to(full, target_is_directory=True)
+
+
+def build_models(res: Results, work: Path, size: str) -> dict[str, Path]:
+    start = time.perf_counter()
+    folders = build_tiny_folders(work / "models")
+    res.put("build.tiny_folders_s", time.perf_counter() - start)
+    if size == "full":
+        full = work / "full"
+        for name in ("transformer", "text_encoder_2", "text_encoder", "vae"):
+            res.put(f"build.{name}", build_full_component(name, full / name))
+            res.say(f"built full-size {name}: {res.data['build'][name]['params'] / 1e9:.2f} B parameters")
+            for key in KEYS:
+                if not (name == "transformer" and key == "flux-fill"):
+                    swap_in(folders[key], name, full / name)
+    res.put("build.total_s", time.perf_counter() - start)
+    return folders
+
+
+def build_fill_transformer(res: Results, work: Path, folders: dict[str, Path]) -> None:
+    dest = work / "full" / "transformer-fill"
+    if not dest.exists():
+        res.put("build.transformer_fill", build_full_component("transformer", dest, fill=True))
+    swap_in(folders["flux-fill"], "transformer", dest)
+
+
+# -- measuring one server --------------------------------------------------------------------------
+class TimingSink:
+    """A ProgressSink for direct engine calls that keeps the time of every step."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+
+    def progress(self, step, total, stage):
+        self.steps.append(time.perf_counter())
+
+    def preview(self, image, step):
+        pass
+
+    def check_cancelled(self):
+        pass
+
+
+def _cuda() -> Any | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda if torch.cuda.is_available() else None
+
+
+def _peak_memory() -> dict[str, int]:
+    cuda = _cuda()
+    if cuda is not None:
+        return {"peak_allocated_bytes": cuda.max_memory_allocated()}
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _reset_peak() -> None:
+    cuda = _cuda()
+    if cuda is not None:
+        cuda.synchronize()
+        cuda.reset_peak_memory_stats()
+
+
+class Server:
+    """An in-process Paletta server for one profile, and an SDK client on it."""
+
+    def __init__(self, data: Path, profile: str):
+        self.data, self.profile = data, profile
+
+    async def __aenter__(self) -> Server:
+        import paletta
+        from paletta_server.config import load_config
+        from paletta_server.server import PalettaServer
+
+        self.t0 = time.perf_counter()
+        self.server = PalettaServer(load_config(self.data, env={}, profile=self.profile, host="127.0.0.1", port=0))
+        port = await self.server.start()
+        self.started_s = time.perf_counter() - self.t0
+        self.client = paletta.AsyncClient(f"127.0.0.1:{port}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.close()
+        await self.server.stop(0.5)
+        await asyncio.to_thread(self.server.app.residency.unload)
+        del self.server
+        gc.collect()
+        cuda = _cuda()
+        if cuda is not None:
+            cuda.empty_cache()
+
+    @property
+    def app(self) -> Any:
+        return self.server.app
+
+
+async def timed_job(start_job: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
+    """Run one job through the SDK; the client-side seconds and every event with its receipt time."""
+    wall0, t0 = time.time(), time.perf_counter()
+    job = await start_job()
+    events = []
+    async for event in job:
+        events.append((event, time.time()))
+    seconds = time.perf_counter() - t0
+    final = events[-1][0] if events else None
+    if final is None or final.WhichOneof("kind") != "finished" or final.finished.job.HasField("error"):
+        raise RuntimeError(f"job did not succeed: {final}")
+    return {"seconds": seconds, "wall0": wall0, "t0": t0, "events": events}
+
+
+def timeline(job: dict[str, Any]) -> dict[str, float]:
+    """Milliseconds between the job's events (server timestamps) and at the client."""
+    stamps: dict[str, float] = {}
+    steps = []
+    for event, received in job["events"]:
+        kind = event.WhichOneof("kind")
+        at = event.time.ToNanoseconds() / 1e9
+        if kind == "progress" and event.progress.stage == "denoising":
+            steps.append(at)
+        elif kind in ("started", "output", "finished") and kind not in stamps:
+            stamps[kind] = at
+            if kind == "finished":
+                stamps["client_end"] = received
+    if not steps or not {"started", "output", "finished"} <= stamps.keys():
+        return {}
+    return {
+        "submit_to_started": (stamps["started"] - job["wall0"]) * 1000,
+        "started_to_first_step": (steps[0] - stamps["started"]) * 1000,
+        "first_to_last_step": (steps[-1] - steps[0]) * 1000,
+        "last_step_to_output": (stamps["output"] - steps[-1]) * 1000,
+        "output_to_finished": (stamps["finished"] - stamps["output"]) * 1000,
+        "finished_to_client": (stamps["client_end"] - stamps["finished"]) * 1000,
+        "total": (stamps["client_end"] - job["wall0"]) * 1000,
+        "steps": len(steps),
+    }
+
+
+def _progress_latencies(jobs: list[dict[str, Any]]) -> list[float]:
+    return [(received - event.time.ToNanoseconds() / 1e9) * 1000 for job in jobs for event, received in job["events"]
+            if event.WhichOneof("kind") == "progress" and event.progress.stage == "denoising"]
+
+
+async def png_figures(server: Server, asset_name: str, runs: int = 5) -> dict[str, Any]:
+    """Encode the real output as the server does today (Pillow, level 1, parameters chunk) and with
+    storage/png.py; sha256 and an atomic fsynced write like storage/assets.py."""
+    from PIL.PngImagePlugin import PngInfo
+
+    stored = await server.client.download(asset_name)
+    image = Image.open(io.BytesIO(stored))
+    image.load()
+    text = image.text.get("parameters", "{}")
+
+    def pillow() -> bytes:
+        info = PngInfo()
+        info.add_text("parameters", text)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", pnginfo=info, compress_level=1)
+        return buf.getvalue()
+
+    def timed(fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return _median(times) * 1000
+
+    def write() -> None:
+        fd, tmp = tempfile.mkstemp(dir=server.data, prefix=".bench-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(stored)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, server.data / ".bench-written")
+
+    data = pillow()
+    figures: dict[str, Any] = {
+        "mode": image.mode, "size": list(image.size), "stored_bytes": len(stored),
+        "raw_bytes": image.width * image.height * len(image.getbands()),
+        "pillow_level1_ms": timed(pillow), "pillow_level1_bytes": len(data),
+        "sha256_ms": timed(lambda: hashlib.sha256(data).hexdigest()),
+        "write_fsync_ms": timed(write),
+    }
+    try:
+        from paletta_server.storage.png import encode_png, isal_zlib
+
+        fast = encode_png(image, {"parameters": text})
+        figures.update(encode_png_ms=timed(lambda: encode_png(image, {"parameters": text})), encode_png_bytes=len(fast),
+                       encode_png_backend="isal" if isal_zlib is not None else "pillow")
+    except ImportError:
+        pass
+    return figures
+
+
+async def measure(res: Results, prefix: str, server: Server, kind: str, args: argparse.Namespace,
+                  warm: bool = False) -> None:
+    """gRPC vs direct for one capability on a running server; writes ``<prefix>.*``."""
+    from paletta_server.capabilities import diffusion_io
+    from paletta_server.engines import flux, flux_edit
+
+    size, runs = args.res, args.runs
+    steps = args.steps if kind == "generate" else args.edit_steps
+    client = server.client
+    infer = (size, size) if kind == "generate" else diffusion_io.inference_size(size, size,
+                                                                                server.app.profile.max_inference_edge)
+    picture = Image.fromarray(photo_like(size), "RGB")
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    if kind == "generate":
+        key = "flux-schnell"
+
+        def start_job():
+            return client.generate(PROMPT, width=size, height=size, steps=steps, seed=1)
+
+        def direct(pipe, sink):
+            return flux.text_to_image(pipe, sink, prompt=PROMPT, width=size, height=size, steps=steps, seed=1,
+                                      guidance=0.0, preview_every=10**9)
+    elif kind == "edit":
+        key = "flux-kontext"
+        image_asset = (await client.upload(picture)).name
+        small = diffusion_io.fit(picture, infer)
+
+        def start_job():
+            return client.edit(image_asset, EDIT_PROMPT, steps=steps, seed=1)
+
+        def direct(pipe, sink):
+            return flux_edit.edit(pipe, sink, image=small, prompt=EDIT_PROMPT, steps=steps, seed=1, guidance=2.5,
+                                  preview_every=10**9)
+    else:
+        key = "flux-fill"
+        image_asset = (await client.upload(picture)).name
+        mask_asset = (await client.upload(mask)).name
+        small, small_mask = diffusion_io.fit(picture, infer), diffusion_io.fit(mask, infer)
+
+        def start_job():
+            return client.inpaint(image_asset, mask_asset, FILL_PROMPT, steps=steps, seed=1)
+
+        def direct(pipe, sink):
+            return flux_edit.fill(pipe, sink, image=small, mask=small_mask, prompt=FILL_PROMPT, steps=steps, seed=1,
+                                  guidance=30.0, preview_every=10**9)
+
+    res.put(f"{prefix}.setup", {"key": key, "size": [size, size], "inference_size": list(infer), "steps": steps,
+                                "runs": runs})
+    if not warm:  # load + first job
+        start = time.perf_counter()
+        await timed_job(start_job)
+        res.put(f"{prefix}.load_and_first_job_s", time.perf_counter() - start)
+    pipe = await asyncio.to_thread(server.app.residency.ensure_resident, key)
+    grpc_jobs, direct_times, direct_steps = [], [], []
+    for _ in range(runs):
+        grpc_jobs.append(await timed_job(start_job))
+        sink = TimingSink()
+        start = time.perf_counter()
+        await asyncio.to_thread(direct, pipe, sink)
+        end = time.perf_counter()
+        direct_times.append(end - start)
+        if sink.steps:
+            direct_steps.append({"start_to_first_step": (sink.steps[0] - start) * 1000,
+                                 "first_to_last_step": (sink.steps[-1] - sink.steps[0]) * 1000,
+                                 "last_step_to_return": (end - sink.steps[-1]) * 1000})
+    del pipe
+    grpc_s = [j["seconds"] for j in grpc_jobs]
+    g, d = _median(grpc_s), _median(direct_times)
+    lines = [t for t in (timeline(j) for j in grpc_jobs) if t]
+    breakdown = {name: _median([t[name] for t in lines]) for name in (lines[0] if lines else {})}
+    direct_breakdown = {name: _median([t[name] for t in direct_steps]) for name in (direct_steps[0] if direct_steps
+                                                                                    else {})}
+    per_step = steps - 1 if steps > 1 else 1
+    latencies = sorted(_progress_latencies(grpc_jobs))
+    status = await client.status()
+    figures = {
+        "grpc_s": grpc_s, "direct_s": direct_times, "grpc_median_s": g, "direct_median_s": d,
+        "ratio": g / d if d else 0.0, "overhead_ms": (g - d) * 1000,
+        "s_per_step_grpc": breakdown.get("first_to_last_step", 0.0) / 1000 / per_step,
+        "s_per_step_direct": direct_breakdown.get("first_to_last_step", 0.0) / 1000 / per_step,
+        "progress_latency_ms": {"p50": latencies[len(latencies) // 2] if latencies else 0.0,
+                                "max": latencies[-1] if latencies else 0.0, "n": len(latencies)},
+        "breakdown_ms": breakdown, "direct_breakdown_ms": direct_breakdown,
+        "resident_bytes": {m.key: m.bytes for m in status.loaded_models},
+        "memory_used_bytes": status.memory_used_bytes, "device": status.device,
+        "quantization": status.quantization, **_peak_memory(),
+    }
+    for name, value in figures.items():
+        res.put(f"{prefix}.{name}", value)
+    res.say(f"{prefix}: gRPC {g:.3f} s / direct {d:.3f} s = {figures['ratio']:.3f}; "
+            f"{figures['s_per_step_direct']:.3f} s/step; overhead {figures['overhead_ms']:.0f} ms; "
+            f"resident {sum(figures['resident_bytes'].values()) / 1e9:.1f} GB")
+    if kind in ("generate", "edit"):
+        outputs = [e.output.asset.name for e, _ in grpc_jobs[-1]["events"] if e.WhichOneof("kind") == "output"]
+        png = await png_figures(server, outputs[0])
+        res.put(f"{prefix}.png", png)
+        res.say(f"{prefix}: PNG of the real output: Pillow {png['pillow_level1_ms']:.1f} ms "
+                f"({png['pillow_level1_bytes'] / 1e6:.2f} MB), encode_png {png.get('encode_png_ms', 0):.1f} ms, "
+                f"sha256 {png['sha256_ms']:.1f} ms, write+fsync {png['write_fsync_ms']:.1f} ms")
+
+
+def photo_like(size: int) -> np.ndarray:
+    from tests.bench.png import photo_like_image
+
+    return photo_like_image(size)
+
+
+async def run_profile_stage(res: Results, profile: str, data: Path, kinds: list[str], args: argparse.Namespace,
+                            label: str, first_image: bool = True) -> None:
+    from paletta_server.engines import nf4_cache
+
+    cache_before = dict(nf4_cache.stats)
+    _reset_peak()
+    async with Server(data, profile) as server:
+        prefix = f"profiles.{label}"
+        res.put(f"{prefix}.server_start_s", server.started_s)
+        if first_image:
+            await _first_image(res, prefix, server, args, label, cache_before)
+        for kind in kinds:
+            if not fits(res, args, f"{label}.{kind}", ESTIMATES[args.size][kind]):
+                continue
+            await stage(res, f"{label}.{kind}", lambda kind=kind: _measure_alone(
+                res, f"{prefix}.{kind}", server, kind, args, warm=first_image and kind == "generate"))
+
+
+async def _first_image(res: Results, prefix: str, server: Server, args: argparse.Namespace, label: str,
+                       cache_before: dict[str, int]) -> None:
+    from paletta_server.engines import nf4_cache
+
+    job = await timed_job(lambda: server.client.generate(PROMPT, width=args.res, height=args.res,
+                                                         steps=args.steps, seed=1))
+    out_at = next(received for event, received in job["events"] if event.WhichOneof("kind") == "output")
+    # from constructing the server to the first output event arriving at the client
+    first_image_s = (job["t0"] - server.t0) + (out_at - job["wall0"])
+    res.put(f"{prefix}.first_image_s", first_image_s)
+    res.put(f"{prefix}.first_job_s", job["seconds"])
+    res.put(f"{prefix}.nf4_cache", {k: v - cache_before.get(k, 0) for k, v in nf4_cache.stats.items()})
+    res.put(f"{prefix}.load_log", list(LOAD_LOG))
+    LOAD_LOG.clear()
+    res.say(f"{label}: server up in {server.started_s:.2f} s, first image {first_image_s:.2f} s after start "
+            f"(load included); nf4 cache {res.data['profiles'][label]['nf4_cache']}")
+
+
+async def _measure_alone(res: Results, prefix: str, server: Server, kind: str, args: argparse.Namespace,
+                         warm: bool) -> None:
+    """``warm``: the model is loaded and has run once (the first image); otherwise each model is
+    measured alone on the device: the others are unloaded and the peak counter reset first."""
+    if not warm:
+        await server.client.unload_models()
+        _reset_peak()
+    await measure(res, prefix, server, kind, args, warm=warm)
+
+
+# -- orchestration ---------------------------------------------------------------------------------
+# Seconds each stage is expected to take (full size on an H100; tiny on a 2-core CPU), for the budget.
+ESTIMATES = {
+    "full": {"generate": 20, "edit": 60, "fill": 60, "profile": 40, "restart": 25, "build_fill": 35},
+    "tiny": {"generate": 5, "edit": 5, "fill": 5, "profile": 5, "restart": 5, "build_fill": 0},
+}
+LOAD_LOG: list[str] = []
+
+
+class _LoadLogHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        LOAD_LOG.append(f"{time.strftime('%H:%M:%S')} {record.getMessage()}")
+
+
+def fits(res: Results, args: argparse.Namespace, name: str, estimate: float) -> bool:
+    if res.elapsed() + estimate <= args.budget_s:
+        return True
+    res.append("skipped", {"stage": name, "estimate_s": estimate, "at_s": round(res.elapsed(), 1)})
+    res.say(f"skipping {name}: {estimate} s would pass the budget of {args.budget_s} s")
+    return False
+
+
+async def stage(res: Results, name: str, body: Callable[[], Awaitable[Any]]) -> bool:
+    """Run one stage; a failure is recorded and the run goes on with the next stage."""
+    try:
+        await body()
+        return True
+    except Exception as exc:
+        res.append("errors", {"stage": name, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                              "traceback": traceback.format_exc()[-4000:]})
+        res.say(f"{name} failed: {type(exc).__name__}: {str(exc)[:300]}")
+        return False
+
+
+def meta(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    info: dict[str, Any] = {"size": args.size, "res": args.res, "steps": args.steps, "edit_steps": args.edit_steps,
+                            "runs": args.runs, "budget_s": args.budget_s, "python": platform.python_version(),
+                            "work_dir": str(work), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        import diffusers
+        import torch
+
+        info.update(torch=torch.__version__, diffusers=diffusers.__version__, cuda=torch.version.cuda)
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    except ImportError:
+        pass
+    return info
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    res = Results(Path(args.out), time.monotonic())
+    handler = _LoadLogHandler(logging.INFO)
+    for name in ("paletta_server.engines.nf4_cache",):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:  # the pipelines' own loading bars would flood the log
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    except (ImportError, AttributeError):
+        pass
+    work = Path(args.work) if args.work else work_dir(args.size, 70 * 1024**3)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        res.put("meta", meta(args, work))
+        res.say(f"benchmark {args.size}: {res.data['meta'].get('gpu', 'cpu')}, work dir {work}")
+        folders = build_models(res, work, args.size)
+        res.say(f"models ready in {res.data['build']['total_s']:.1f} s")
+        for key, folder in folders.items():
+            os.environ["PALETTA_MODEL_" + key.upper().replace("-", "_")] = str(folder)
+        data = {profile: work / f"data-{profile}" for profile in ("fast", "quality")}
+        for folder in data.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        os.environ["PALETTA_NF4_CACHE_DIR"] = str(data["fast"] / "models" / "nf4-cache")
+        est = ESTIMATES[args.size]
+
+        # 1. fast: first image, Generate ratio, Kontext. 2. quality: the same. 3. fast again: NF4 cache warm.
+        for profile in ("fast", "quality"):
+            if fits(res, args, profile, est["profile"]):
+                await stage(res, profile, lambda p=profile: run_profile_stage(res, p, data[p], ["generate", "edit"],
+                                                                              args, p))
+        if fits(res, args, "fast_restart", est["restart"]):
+            kinds = []
+            if "fill" not in args.skip and res.elapsed() + est["restart"] + est["build_fill"] + est["fill"] \
+                    <= args.budget_s and room_for_fill(res, work, args.size):
+                built = args.size != "full" or await stage(
+                    res, "build_fill", lambda: asyncio.to_thread(build_fill_transformer, res, work, folders))
+                kinds = ["fill"] if built else []
+            await stage(res, "fast_restart", lambda: run_profile_stage(res, "fast", data["fast"], kinds, args,
+                                                                       "fast_restart"))
+        fill_ready = "fill" not in args.skip and (args.size != "full" or "transformer_fill" in res.data["build"])
+        if fill_ready and fits(res, args, "quality_fill", est["fill"] + 10):
+            await stage(res, "quality_fill", lambda: run_profile_stage(res, "quality", data["quality"], ["fill"], args,
+                                                                       "quality_fill", first_image=False))
+        summarize(res)
+        return res.data
+    finally:
+        res.flush()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def summarize(res: Results) -> None:
+    """A short table on stdout and in <out>/summary.md."""
+    lines = ["| figure | " + " | ".join(res.data["profiles"]) + " |", "|---|" + "---|" * len(res.data["profiles"])]
+
+    def row(label: str, fn: Callable[[dict], str]) -> None:
+        cells = []
+        for figures in res.data["profiles"].values():
+            try:
+                cells.append(fn(figures))
+            except (KeyError, TypeError, ZeroDivisionError, IndexError):
+                cells.append("")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    row("first image after start (s)", lambda f: f"{f['first_image_s']:.2f}")
+    for kind in ("generate", "edit", "fill"):
+        row(f"{kind}: gRPC / direct (s)", lambda f, k=kind: f"{f[k]['grpc_median_s']:.3f} / "
+            f"{f[k]['direct_median_s']:.3f} = {f[k]['ratio']:.3f}")
+        row(f"{kind}: s/step, overhead ms", lambda f, k=kind: f"{f[k]['s_per_step_direct']:.3f}, "
+            f"{f[k]['overhead_ms']:.0f}")
+        row(f"{kind}: progress latency p50 / max ms", lambda f, k=kind: f"{f[k]['progress_latency_ms']['p50']:.1f} / "
+            f"{f[k]['progress_latency_ms']['max']:.1f}")
+        row(f"{kind}: resident / peak GB", lambda f, k=kind: f"{sum(f[k]['resident_bytes'].values()) / 1e9:.1f} / "
+            f"{f[k].get('peak_allocated_bytes', f[k].get('peak_rss_bytes', 0)) / 1e9:.1f}")
+        row(f"{kind}: PNG Pillow / encode_png ms", lambda f, k=kind: f"{f[k]['png']['pillow_level1_ms']:.1f} / "
+            f"{f[k]['png']['encode_png_ms']:.1f}")
+    text = "\n".join(lines)
+    (res.out / "summary.md").write_text(text + "\n")
+    print(text, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("full", "tiny"), default="full")
+    parser.add_argument("--out", default="bench-out/gpu")
+    parser.add_argument("--res", type=int, help="image edge (default 1024 full, 256 tiny)")
+    parser.add_argument("--steps", type=int, default=4, help="Generate steps (schnell)")
+    parser.add_argument("--edit-steps", type=int, help="Kontext / Fill steps (default 8 full, --steps tiny)")
+    parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--budget-s", type=float, help="skip stages that would end later (default 360 full)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("fill",))
+    parser.add_argument("--work", help="folder for weights and data dirs (default: a tmpfs when it has room)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args(argv)
+    full = args.size == "full"
+    args.res = args.res or (1024 if full else 256)
+    args.edit_steps = args.edit_steps or (8 if full else args.steps)
+    args.budget_s = args.budget_s or (360.0 if full else 600.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    args = parse_args(argv)
+    if args.size == "full" and _cuda() is None:
+        print("--size full needs a CUDA GPU; use --size tiny on a CPU", file=sys.stderr)
+        return 2
+    data = asyncio.run(run(args))
+    return 1 if data["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The GPU benchmark (tests/bench/gpu.py) runs its whole code path at tiny size on the CPU and
+writes every figure the GPU run reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMED = ("grpc_median_s", "direct_median_s", "ratio", "s_per_step_grpc", "s_per_step_direct")
+BREAKDOWN = ("started_to_first_step", "first_to_last_step", "last_step_to_output", "output_to_finished", "total")
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_every_figure(tmp_path):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PALETTA_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.bench.gpu", "--size", "tiny", "--steps", "2", "--runs", "2", "--res", "128",
+         "--out", str(out), "--work", str(tmp_path / "work")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["errors"] == [] and data["skipped"] == []
+    assert data["meta"]["size"] == "tiny" and data["build"]["total_s"] > 0
+    profiles = data["profiles"]
+    for label in ("fast", "quality", "fast_restart"):
+        assert profiles[label]["server_start_s"] > 0
+        assert profiles[label]["first_image_s"] >= profiles[label]["server_start_s"]
+    measured = [(label, kind) for label in ("fast", "quality") for kind in ("generate", "edit")]
+    measured += [("fast_restart", "fill"), ("quality_fill", "fill")]
+    for label, kind in measured:
+        figures = profiles[label][kind]
+        assert figures["setup"]["steps"] == 2 and figures["setup"]["size"] == [128, 128]
+        assert len(figures["grpc_s"]) == len(figures["direct_s"]) == 2
+        for name in TIMED:
+            assert figures[name] > 0, (label, kind, name)
+        for name in BREAKDOWN:
+            assert figures["breakdown_ms"][name] >= 0, (label, kind, name)
+        assert figures["breakdown_ms"]["steps"] == 2
+        assert figures["progress_latency_ms"]["n"] == 4 and figures["progress_latency_ms"]["max"] > 0
+        assert figures["resident_bytes"][figures["setup"]["key"]] > 0
+        assert figures["peak_rss_bytes"] > 0
+        if kind != "fill":
+            png = figures["png"]
+            assert png["size"] == [128, 128] and png["stored_bytes"] > 0
+            for name in ("pillow_level1_ms", "sha256_ms", "write_fsync_ms", "encode_png_ms"):
+                assert png[name] > 0, (label, kind, name)
+    assert "| first image after start (s) |" in (out / "summary.md").read_text()
+    assert not (tmp_path / "work").exists()  # the weights and data dirs are removed
