@@ -11,9 +11,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from paletta.v1 import edit_service_pb2 as edit_pb
+from paletta.v1 import edit_pb2 as edit_pb
 from paletta.v1 import edit_service_pb2_grpc as edit_grpc
-from paletta.v1 import generate_service_pb2 as gen
+from paletta.v1 import generate_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta.v1 import image_pb2, job_pb2
 from paletta.v1 import system_service_pb2 as sys_pb
