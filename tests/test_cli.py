@@ -1,262 +1,519 @@
-"""The ``paletta`` command against a small scripted gRPC server (sync grpc, no models)."""
+"""The ``paletta`` command, in-process with Click's CliRunner against one tiny-profile server.
+
+The server runs for the whole module on its own event loop in a thread, so models stay
+resident between tests; what each command asked for is read back from the server (GetJob's
+``spec``), not from the CLI. Two tests start real processes: ``paletta --token X serve`` and
+``paletta`` without arguments on the terminal-less path.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+import os
+import re
+import socket
 import subprocess
 import sys
-from concurrent import futures
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
-from PIL import Image, PngImagePlugin
+from click.testing import CliRunner, Result
+from PIL import Image
 
-from paletta import cli
+from paletta import Client, Progress, cli
+from paletta import _cli_output as out
 from paletta.v1 import (
-    asset_service_pb2,
-    asset_service_pb2_grpc,
-    generate_service_pb2_grpc,
+    control_pb2,
     image_pb2,
+    inpaint_pb2,
     job_options_pb2,
     job_pb2,
-    job_service_pb2,
-    job_service_pb2_grpc,
-    system_service_pb2,
-    system_service_pb2_grpc,
+    job_spec_pb2,
+    segment_pb2,
 )
-
-JOB = "jobs/abc"
-
-
-def png_with_parameters(size: tuple[int, int], seed: int) -> bytes:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", json.dumps({"seed": seed}))
-    buf = io.BytesIO()
-    Image.new("RGB", size, (seed, 0, 0)).save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
+from tests.conftest import link_tiny_models
 
 
-ASSETS = {"assets/one": png_with_parameters((32, 16), 5), "assets/two": png_with_parameters((32, 16), 6)}
+@dataclass
+class Live:
+    address: str
+    data_dir: Path
 
 
-class FakePaletta(
-    generate_service_pb2_grpc.GenerateServiceServicer,
-    asset_service_pb2_grpc.AssetServiceServicer,
-    job_service_pb2_grpc.JobServiceServicer,
-    system_service_pb2_grpc.SystemServiceServicer,
-):
-    """Scripted answers: a two-variant generate, downloads, jobs and status."""
+@pytest.fixture(scope="module")
+def live(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """A tiny-profile server on its own loop in a thread, for the whole module."""
+    from paletta_server.config import load_config
+    from paletta_server.server import PalettaServer
 
-    def __init__(self) -> None:
-        self.requests: list = []
-        self.metadata: list[dict[str, str]] = []
+    data = tmp_path_factory.mktemp("cli-data")
+    link_tiny_models(data, tiny_models_dir)
+    config = load_config(data, env={}, host="127.0.0.1", port=0, profile="tiny")
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="cli-test-server", daemon=True)
+    thread.start()
 
-    def _events(self, variants: int) -> list[job_pb2.JobEvent]:
-        outputs = [
-            job_pb2.JobOutput(index=i, seed=5 + i, asset=image_pb2.Asset(name=name, width=32, height=16))
-            for i, name in enumerate(list(ASSETS)[:variants])
-        ]
-        events: list[job_pb2.JobEvent] = [job_pb2.JobEvent(queued=job_pb2.JobQueued(position=0))]
-        for output in outputs:
-            events += [
-                job_pb2.JobEvent(progress=job_pb2.JobProgress(step=s, total_steps=2, stage="denoising")) for s in (1, 2)
-            ]
-            events.append(job_pb2.JobEvent(output=output))
-        job = job_pb2.Job(name=JOB, capability="generate", state=job_pb2.JOB_STATE_SUCCEEDED, outputs=outputs)
-        events.append(job_pb2.JobEvent(finished=job_pb2.JobFinished(job=job)))
-        for seq, ev in enumerate(events, start=1):
-            ev.job, ev.seq = JOB, seq
-        return events
+    async def start() -> tuple[PalettaServer, int]:
+        server = PalettaServer(config)
+        return server, await server.start()
 
-    def Generate(self, request, context):  # noqa: N802 - gRPC method name
-        self.requests.append(request)
-        self.metadata.append(dict(context.invocation_metadata()))
-        if request.width % 16:
-            bad = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field="width", description="not a multiple of 16")
-                ]
-            )
-            detail = any_pb2.Any()
-            detail.Pack(bad)
-            status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="bad width", details=[detail])
-            context.abort_with_status(rpc_status.to_status(status))
-        yield from self._events(request.variants or 1)
-
-    def DownloadAsset(self, request, context):  # noqa: N802
-        data = ASSETS[request.name]
-        yield asset_service_pb2.AssetChunk(data=data[:100])
-        yield asset_service_pb2.AssetChunk(data=data[100:])
-
-    def ListJobs(self, request, context):  # noqa: N802
-        self.requests.append(request)
-        job = job_pb2.Job(name=JOB, capability="generate", state=job_pb2.JOB_STATE_RUNNING)
-        return job_service_pb2.ListJobsResponse(jobs=[job])
-
-    def CancelJob(self, request, context):  # noqa: N802
-        self.requests.append(request)
-        return job_pb2.Job(name=request.name, state=job_pb2.JOB_STATE_CANCELLED)
-
-    def WatchJob(self, request, context):  # noqa: N802
-        self.requests.append(request)
-        yield from (e for e in self._events(1) if e.seq > request.after_seq)
-
-    def GetStatus(self, request, context):  # noqa: N802
-        return system_service_pb2.GetStatusResponse(
-            device="cpu",
-            profile="tiny",
-            quantization="fp32",
-            version="0.1.0",
-            memory_budget_bytes=16 * 1024**3,
-            memory_used_bytes=3 * 1024**2,
-            queue_length=2,
-            loaded_models=[system_service_pb2.ModelInfo(key="flux-schnell", bytes=3 * 1024**2, resident=True)],
-        )
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(120)
+    try:
+        yield Live(f"127.0.0.1:{port}", data)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0.5), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
-@pytest.fixture
-def fake():
-    servicer = FakePaletta()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    generate_service_pb2_grpc.add_GenerateServiceServicer_to_server(servicer, server)
-    asset_service_pb2_grpc.add_AssetServiceServicer_to_server(servicer, server)
-    job_service_pb2_grpc.add_JobServiceServicer_to_server(servicer, server)
-    system_service_pb2_grpc.add_SystemServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    servicer.address = f"127.0.0.1:{port}"
-    yield servicer
-    server.stop(0)
+@pytest.fixture(scope="module")
+def sdk(live: Live) -> Iterator[Client]:
+    with Client(live.address) as client:
+        yield client
 
 
-def test_generate_writes_one_file_per_variant_with_png_bytes_intact(fake, tmp_path, capsys):
-    out = tmp_path / "out.png"
-    argv = ["--address", fake.address, "--token", "tok", "generate", "a knight", "-o", str(out)]
-    argv += ["--width", "64", "--height", "32", "--steps", "2", "--seed", "5", "--variants", "2"]
-    argv += ["--style", "tarot:0.8", "--style", "anime", "--priority", "high"]
-    assert cli.main(argv) == 0
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("inputs") / "photo.png"
+    image = Image.new("RGB", (64, 48))
+    for x in range(64):
+        for y in range(48):
+            image.putpixel((x, y), (x * 4, y * 5, (x * y) % 256))
+    image.save(path)
+    return path
 
-    request = fake.requests[0]
-    assert (request.prompt, request.width, request.height, request.steps, request.seed) == (
-        "a knight",
-        64,
-        32,
-        2,
-        5,
+
+@pytest.fixture(scope="module")
+def mask(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("inputs") / "mask.png"
+    image = Image.new("L", (64, 48), 0)
+    image.paste(255, (16, 12, 48, 36))
+    image.save(path)
+    return path
+
+
+def run(live: Live, *args: str, env: dict[str, str] | None = None, **kwargs: object) -> Result:
+    """``paletta --address LIVE ARGS`` in-process."""
+    return CliRunner().invoke(cli.app, ["--address", live.address, *args], env=env, catch_exceptions=False, **kwargs)
+
+
+def events(result: Result) -> list[dict]:
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def finished(result: Result) -> dict:
+    assert result.exit_code == 0, result.stderr
+    last = events(result)[-1]
+    assert last["event"] == "finished" and last["state"] == "succeeded", last
+    return last
+
+
+def spec_of(sdk: Client, result: Result) -> job_pb2.Job:
+    return sdk.get_job(finished(result)["job"])
+
+
+# -- every capability reaches the server with every field ---------------------------------------
+
+
+def test_generate_sends_every_field_and_streams_json_events(live, sdk, photo, tmp_path):
+    target = tmp_path / "knight.png"
+    result = run(
+        live, "--json", "generate", "a knight", "-o", str(target),
+        "--width", "64", "--height", "48", "--steps", "2", "--seed", "7", "--variants", "2", "--guidance", "1.5",
+        "--style", "tarot:0.8", "--style", "anime", "--image-prompt", str(photo), "--image-prompt-weight", "0.5",
+        "--priority", "low", "--request-id", "cli-gen-1", "--cancel-on-disconnect",
     )
-    assert request.variants == 2 and request.options.priority == job_options_pb2.PRIORITY_HIGH
-    assert [(s.name, round(s.weight, 2)) for s in request.styles] == [("tarot", 0.8), ("anime", 0.0)]
-    assert not request.styles[1].HasField("weight")
-    assert fake.metadata[0]["authorization"] == "Bearer tok"
-    assert out.read_bytes() == ASSETS["assets/one"]  # parameters chunk kept
-    assert (tmp_path / "out-1.png").read_bytes() == ASSETS["assets/two"]
-    assert capsys.readouterr().out.split() == [str(out), str(tmp_path / "out-1.png")]
+    job = spec_of(sdk, result)
+    g = job.spec.generate
+    assert (g.prompt, g.width, g.height, g.steps, g.seed, g.variants, g.guidance) == ("a knight", 64, 48, 2, 7, 2, 1.5)
+    assert [(s.name, round(s.weight, 2), s.HasField("weight")) for s in g.styles] == [
+        ("tarot", 0.8, True), ("anime", 0.0, False)]
+    assert g.image_prompt.image.asset.startswith("assets/") and round(g.image_prompt.weight, 2) == 0.5
+    assert job.priority == job_options_pb2.PRIORITY_LOW and job.request_id == "cli-gen-1"
+
+    lines = events(result)
+    progress = [e for e in lines if e["event"] == "progress" and e["stage"] == "denoising"]
+    assert [(e["step"], e["total"], e["unit"], e["variant"]) for e in progress] == [
+        (1, 2, "steps", 0), (2, 2, "steps", 0), (1, 2, "steps", 1), (2, 2, "steps", 1)]
+    assert all(e["job"] == job.name for e in lines)
+    outputs = [e for e in lines if e["event"] == "output"]
+    second = str(tmp_path / "knight-1.png")
+    assert [(e["index"], e["seed"], e["file"]) for e in outputs] == [(0, 7, str(target)), (1, 8, second)]
+    assert lines[-1] == {"event": "finished", "job": job.name, "state": "succeeded", "capability": "generate",
+                         "files": [str(target), second]}
+    assert json.loads(Image.open(second).text["parameters"])["seed"] == 8
+
+    # The same request id re-attaches to the same job instead of making another.
+    again = run(live, "--json", "generate", "a knight", "-o", str(tmp_path / "again.png"), "--width", "64",
+                "--height", "48", "--steps", "2", "--seed", "7", "--variants", "2", "--request-id", "cli-gen-1")
+    assert finished(again)["job"] == job.name
 
 
-def test_global_options_also_work_after_the_command_and_from_env(fake, tmp_path, monkeypatch):
-    monkeypatch.setenv("PALETTA_TOKEN", "from-env")
-    out = tmp_path / "k.jpg"
-    assert cli.main(["generate", "a knight", "-o", str(out), "--no-progress", "--address", fake.address]) == 0
-    assert fake.metadata[0]["authorization"] == "Bearer from-env"
-    assert Image.open(out).format == "JPEG"
+def test_edit_and_qwen_edit_send_their_fields(live, sdk, photo, tmp_path):
+    edit = run(live, "--json", "edit", str(photo), "make it night", "-o", str(tmp_path / "e.png"), "--steps", "2",
+               "--seed", "3", "--guidance", "4", "--style", "koda:1.2", "--upscaler", "realesrgan")
+    e = spec_of(sdk, edit).spec.edit
+    assert (e.prompt, e.steps, e.seed, e.guidance) == ("make it night", 2, 3, 4.0)
+    assert e.upscaler == image_pb2.UPSCALER_REALESRGAN
+    assert [(s.name, round(s.weight, 2)) for s in e.styles] == [("koda", 1.2)]
+    assert Image.open(tmp_path / "e.png").size == (64, 48)
+
+    qwen = run(live, "--json", "qwen-edit", str(photo), "add a hat", "--negative-prompt", "blurry", "-o",
+               str(tmp_path / "q.png"), "--steps", "2", "--guidance", "5", "--variants", "1")
+    q = spec_of(sdk, qwen).spec.qwen_edit
+    assert (q.prompt, q.negative_prompt, q.steps, q.guidance, q.variants) == ("add a hat", "blurry", 2, 5.0, 1)
 
 
-def test_progress_bar_follows_stages_and_restarts_per_variant():
-    bar = cli.ProgressBar(enabled=False)
-    totals = []
-    for step in (1, 2, 1, 2):
-        bar.feed(job_pb2.JobEvent(progress=job_pb2.JobProgress(step=step, total_steps=2, stage="denoising")))
-        totals.append((bar.bar.n, bar.bar.total))
-    first = bar.bar
-    bar.feed(job_pb2.JobEvent(progress=job_pb2.JobProgress(step=0, total_steps=1, stage="loading", model="x")))
-    assert totals == [(1, 2), (2, 2), (1, 2), (2, 2)]
-    assert bar.stage == "loading x" and bar.bar is not first and bar.updates == 5
-    bar.close()
+def test_inpaint_with_a_mask_file_and_with_auto_mask(live, sdk, photo, mask, tmp_path):
+    by_file = run(live, "--json", "inpaint", str(photo), "a red coat", "--mask", str(mask), "--feather", "3",
+                  "-o", str(tmp_path / "i.png"), "--steps", "2", "--guidance", "20")
+    i = spec_of(sdk, by_file).spec.inpaint
+    assert (i.prompt, i.feather, i.steps, i.guidance) == ("a red coat", 3, 2, 20.0)
+    assert i.mask.asset.startswith("assets/") and i.image.asset != i.mask.asset
+
+    auto = run(live, "--json", "inpaint", str(photo), "a red coat", "--auto-mask", "the square",
+               "--auto-mask-threshold", "0.0", "--auto-mask-dilate", "2", "-o", str(tmp_path / "a.png"), "--steps", "2")
+    job = spec_of(sdk, auto)
+    masks = [j for j in sdk.list_jobs(capability="segment") if j.spec.segment.text == "the square"]
+    assert len(masks) == 1 and masks[0].spec.segment.dilate == 2 and masks[0].spec.segment.threshold == 0.0
+    assert job.spec.inpaint.mask.asset == masks[0].outputs[0].asset.name
 
 
-def test_invalid_argument_prints_field_violations_and_exits_1(fake, tmp_path, capsys):
-    code = cli.main(["--address", fake.address, "generate", "x", "-o", str(tmp_path / "o.png"), "--width", "17"])
-    assert code == 1
-    err = capsys.readouterr().err
-    assert "width: not a multiple of 16" in err
+def test_outpaint_sends_each_side(live, sdk, photo, tmp_path):
+    result = run(live, "--json", "outpaint", str(photo), "more room", "--left", "16", "--right", "32", "--top", "0",
+                 "--bottom", "16", "--feather", "4", "-o", str(tmp_path / "o.png"), "--steps", "2")
+    o = spec_of(sdk, result).spec.outpaint
+    assert (o.prompt, o.left, o.right, o.top, o.bottom, o.feather) == ("more room", 16, 32, 0, 16, 4)
+    assert Image.open(tmp_path / "o.png").size == (64 + 48, 48 + 16)
+
+
+def test_control_sends_type_preprocess_scale_and_size(live, sdk, photo, tmp_path):
+    result = run(live, "--json", "control", str(photo), "a watercolor city", "--type", "canny", "--preprocess",
+                 "canny", "--control-scale", "0.5", "--width", "64", "--height", "32", "-o", str(tmp_path / "c.png"),
+                 "--steps", "2")
+    c = spec_of(sdk, result).spec.control
+    assert (c.control_type, c.preprocess, round(c.control_scale, 2), c.width, c.height) == (
+        control_pb2.CONTROL_TYPE_CANNY, control_pb2.PREPROCESS_CANNY, 0.5, 64, 32)
+    assert Image.open(tmp_path / "c.png").size == (64, 32)
+
+
+def test_upscale_labels_tiles_on_plain_stderr(live, sdk, photo, tmp_path):
+    result = run(live, "upscale", str(photo), "-o", str(tmp_path / "big.png"), "--scale", "2", "--tile", "32",
+                 "--overlap", "4", "--upscaler", "realesrgan")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.split() == [str(tmp_path / "big.png")]
+    assert Image.open(tmp_path / "big.png").size == (128, 96)
+    # 64×48 in 32-pixel tiles: 2×2 = 4 tiles, counted as tiles.
+    assert "paletta: tiling 4/4 tiles" in result.stderr.splitlines()
+    job = sdk.list_jobs(capability="upscale", limit=1)[0]
+    u = job.spec.upscale
+    assert (u.upscaler, u.scale, u.tile, u.overlap) == (image_pb2.UPSCALER_REALESRGAN, 2.0, 32, 4)
+
+
+def test_remove_bg_writes_cutout_and_mask(live, sdk, photo, tmp_path):
+    result = run(live, "--json", "remove-bg", str(photo), "--mask", "-o", str(tmp_path / "cut.png"))
+    assert spec_of(sdk, result).spec.remove_background.return_mask
+    assert Image.open(tmp_path / "cut.png").mode == "RGBA"
+    assert Image.open(tmp_path / "cut-1.png").mode == "L"
+
+
+def test_vision_commands_print_typed_results(live, sdk, photo, tmp_path):
+    seg = run(live, "--json", "segment", str(photo), "the sky", "--threshold", "0.3", "--dilate", "2",
+              "--feather", "1", "-o", str(tmp_path / "m.png"))
+    s = spec_of(sdk, seg).spec.segment
+    assert (s.text, round(s.threshold, 2), s.dilate, s.feather) == ("the sky", 0.3, 2, 1)
+    result = [e for e in events(seg) if e["event"] == "output"][0]["result"]
+    assert result["type"] == "segmentation" and 0 <= result["coverage"] <= 1 and (tmp_path / "m.png").exists()
+
+    det = run(live, "--json", "detect", str(photo), "--threshold", "0.0")
+    assert spec_of(sdk, det).spec.detect.threshold == 0.0
+    detections = [e for e in events(det) if e["event"] == "output"][0]["result"]
+    assert detections["type"] == "detections" and (detections["width"], detections["height"]) == (64, 48)
+
+    grd = run(live, "--json", "ground", str(photo), "a dragon", "a torch", "--threshold", "0.0")
+    assert list(spec_of(sdk, grd).spec.ground.queries) == ["a dragon", "a torch"]
+
+    cap = run(live, "--json", "caption", str(photo), "--depth", "deep", "--max-tokens", "5")
+    c = spec_of(sdk, cap).spec.caption
+    assert (c.depth, c.max_tokens) == (2, 5)
+    text = [e for e in events(cap) if e["event"] == "output"][0]["result"]
+    assert text["type"] == "caption" and isinstance(text["text"], str)
+
+    ana = run(live, "analyze", str(photo), "--threshold", "0.0", "--no-progress")
+    assert ana.exit_code == 0 and ana.stderr.strip().startswith("jobs/")
+    a = sdk.list_jobs(capability="analyze", limit=1)[0].spec.analyze
+    assert a.threshold == 0.0 and a.HasField("threshold")
+
+    exp = run(live, "--json", "expand", "a cozy cabin", "--seed", "4", "--max-tokens", "8")
+    e = spec_of(sdk, exp).spec.expand
+    assert (e.prompt, e.seed, e.max_tokens) == ("a cozy cabin", 4, 8)
+    expansion = [x for x in events(exp) if x["event"] == "output"][0]["result"]
+    assert expansion["type"] == "expansion" and expansion["original"] == "a cozy cabin"
+
+
+def test_pipeline_from_stdin_labels_progress_by_step(live, sdk, tmp_path):
+    script = "[generate] a knight\n[auto_mask] the knight\n[inpaint] obsidian armor\n"
+    result = run(live, "pipeline", "-", "-o", str(tmp_path / "chain.png"), input=script)
+    assert result.exit_code == 0, result.stderr
+    job = sdk.list_jobs(capability="pipeline", limit=1)[0]
+    assert [s.WhichOneof("spec") for s in job.spec.pipeline.steps] == ["generate", "segment", "inpaint"]
+    assert job.spec.pipeline.steps[1].segment.text == "the knight"
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("paletta: step 1/3 generate · denoising ") for line in lines)
+    assert any(line.startswith("paletta: step 3/3 inpaint · denoising ") for line in lines)
+    # The generate image, the mask (with its coverage) and the inpainted image, numbered in order.
+    written = [line for line in result.stdout.splitlines() if line.startswith(str(tmp_path))]
+    assert written == [str(tmp_path / n) for n in ("chain.png", "chain-1.png", "chain-2.png")]
+    assert "coverage" in result.stdout
+
+
+# -- people and programs --------------------------------------------------------------------------
+
+
+def test_plain_progress_lines_name_variant_and_units(live, tmp_path):
+    result = run(live, "generate", "a knight", "-o", str(tmp_path / "k.png"), "--width", "32", "--height", "32",
+                 "--steps", "2", "--variants", "2")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("jobs/")
+    assert "paletta: variant 1/2 · denoising 2/2 steps" in lines
+    assert "paletta: variant 2/2 · denoising 1/2 steps" in lines
+    assert result.stdout.split() == [str(tmp_path / "k.png"), str(tmp_path / "k-1.png")]
+
+
+def test_progress_is_drawn_only_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    context = out.JobContext(variants=2)
+    screen = Terminal()
+    with out.ProgressView(context, stream=screen) as view:
+        assert view.live
+        for step in (1, 2):
+            view.update(Progress("denoising", step, 2, variant=1))
+    assert view.lines == []  # drawn by rich, not printed line by line
+    assert "variant 2/2 · denoising" in screen.getvalue()
+
+    plain = io.StringIO()
+    with out.ProgressView(context, stream=plain) as view:
+        view.update(Progress("loading", 0, 0, model="flux-schnell"))
+        view.update(Progress("tiling", 3, 4))
+        view.update(Progress("tiling", 3, 4))  # repeated: not printed twice
+    assert not view.live
+    assert plain.getvalue().splitlines() == [
+        "paletta: variant 1/2 · loading flux-schnell", "paletta: variant 1/2 · tiling 3/4 tiles"]
+
+
+def test_listings_for_people_and_as_json(live, sdk, tmp_path):
+    made = run(live, "--json", "generate", "a lake", "-o", str(tmp_path / "l.png"), "--width", "32", "--height",
+               "32", "--steps", "1", "--variants", "2")
+    name = finished(made)["job"]
+
+    listed = run(live, "jobs", "list", "--capability", "generate", "--state", "succeeded", "--json")
+    assert listed.exit_code == 0
+    jobs = json.loads(listed.stdout)["jobs"]
+    assert name in [j["name"] for j in jobs] and {j["state"] for j in jobs} == {"JOB_STATE_SUCCEEDED"}
+    table = run(live, "jobs", "list", "--limit", "1")
+    assert table.stdout.splitlines()[1].split()[:3] == [name, "succeeded", "generate"]
+
+    got = run(live, "jobs", "get", name, "--json")
+    assert json.loads(got.stdout)["spec"]["generate"]["prompt"] == "a lake"
+    assert 'request:    generate {"prompt": "a lake"' in run(live, "jobs", "get", name).stdout
+
+    approved = run(live, "--json", "jobs", "approve", name, "1")
+    assert json.loads(approved.stdout) == {"job": name, "index": 1, "approved": True, "approved_outputs": [1]}
+    assert [o.approved for o in sdk.get_job(name).outputs] == [False, True]
+
+    watched = run(live, "jobs", "watch", name, "--after-seq", "1", "--json")
+    kinds = [e["event"] for e in events(watched)]
+    assert kinds[-1] == "finished" and kinds.count("output") == 2 and int(events(watched)[0]["seq"]) == 2
+    assert all(e["event"] in e for e in events(watched))  # {"event": "output", "output": {...}, "seq": …}
+
+    status = run(live, "status", "--json")
+    assert json.loads(status.stdout)["profile"] == "tiny"
+    assert "profile:      tiny" in run(live, "status").stdout
+    models = json.loads(run(live, "--json", "models").stdout)["models"]
+    assert "flux-schnell" in [m["key"] for m in models]
+    styles = run(live, "styles")
+    assert styles.exit_code == 0 and "tarot" in styles.stdout
+    assert {"tarot", "anime"} <= {s["name"] for s in json.loads(run(live, "styles", "--json").stdout)["styles"]}
+
+
+# -- exit codes -----------------------------------------------------------------------------------
+
+
+def test_request_the_server_refuses_exits_2_with_field_violations(live, sdk, tmp_path):
+    before = len(sdk.list_jobs(limit=None))
+    result = run(live, "generate", "x", "-o", str(tmp_path / "o.png"), "--width", "17")
+    assert result.exit_code == 2
+    assert "width:" in result.stderr and "16" in result.stderr
     assert not (tmp_path / "o.png").exists()
 
-
-def test_unreachable_server_exits_1_with_message(tmp_path, capsys):
-    assert cli.main(["--address", "127.0.0.1:1", "status"]) == 1
-    assert "UNAVAILABLE" in capsys.readouterr().err
-
-
-def test_jobs_list_watch_cancel_and_status(fake, capsys):
-    assert cli.main(["--address", fake.address, "jobs", "list", "--state", "running", "--limit", "5"]) == 0
-    listed = capsys.readouterr().out
-    assert JOB in listed and "running" in listed
-    assert list(fake.requests[-1].states) == [job_pb2.JOB_STATE_RUNNING] and fake.requests[-1].page_size == 5
-
-    assert cli.main(["--address", fake.address, "jobs", "watch", JOB, "--after-seq", "2"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert fake.requests[-1].after_seq == 2
-    assert [line.split()[0] for line in lines] == ["3", "4", "5"]
-    assert lines[-1].split()[1:] == ["finished", "succeeded"]
-
-    assert cli.main(["--address", fake.address, "jobs", "cancel", JOB]) == 0
-    assert capsys.readouterr().out.strip() == f"{JOB} cancelled"
-
-    assert cli.main(["--address", fake.address, "status"]) == 0
-    status = capsys.readouterr().out
-    assert "device:       cpu" in status and "tiny (fp32)" in status and "2 waiting" in status
-    assert "flux-schnell 3.0 MiB" in status
+    as_json = run(live, "--json", "pipeline", "-", "-o", str(tmp_path / "p.png"), input="[generate] a\n[inpaint] b\n")
+    assert as_json.exit_code == 2
+    error = events(as_json)[-1]
+    assert error["event"] == "error" and error["code"] == "INVALID_ARGUMENT" and error["exit_code"] == 2
+    assert [v["field"] for v in error["field_violations"]] == ["steps[1].inpaint.mask"]
+    assert len(sdk.list_jobs(limit=None)) == before
 
 
-def test_output_path_numbering():
-    assert cli.output_path(Path("out.png"), 0) == Path("out.png")
-    assert cli.output_path(Path("dir/out.png"), 2) == Path("dir/out-2.png")
+def test_bad_usage_exits_2_before_anything_is_sent(live, sdk, photo, tmp_path):
+    before = len(sdk.list_jobs(limit=None))
+    assert run(live, "generate", "x", "-o", str(tmp_path / "o.png"), "--steps", "0").exit_code == 2
+    assert run(live, "inpaint", str(photo), "x", "-o", str(tmp_path / "o.png")).exit_code == 2  # no mask
+    assert run(live, "outpaint", str(photo), "-o", str(tmp_path / "o.png")).exit_code == 2  # no side
+    assert run(live, "control", str(photo), "x", "-o", str(tmp_path / "o.png")).exit_code == 2  # no --type
+    assert run(live, "edit", str(tmp_path / "absent.png"), "x", "-o", str(tmp_path / "o.png")).exit_code == 2
+    assert run(live, "generate", "x", "--style", "tarot:heavy", "-o", str(tmp_path / "o.png")).exit_code == 2
+    # -o is checked before submitting: a directory, a file as a folder, an unknown suffix.
+    (tmp_path / "file").write_text("x")
+    for target, why in [(tmp_path, "is a directory"), (tmp_path / "file" / "o.png", "is not a directory"),
+                        (tmp_path / "o.gif", "unknown image suffix")]:
+        result = run(live, "generate", "x", "-o", str(target))
+        assert result.exit_code == 2 and why in result.stderr
+    assert len(sdk.list_jobs(limit=None)) == before
 
 
-def test_serve_builds_config_from_flags_without_importing_torch(tmp_path):
-    script = (
-        "import sys\n"
-        "import paletta_server.main as m\n"
-        "m.serve = lambda c: print(c.host, c.port, c.profile, c.token, c.tls_cert, c.data_dir)\n"
-        "from paletta import cli\n"
-        "code = cli.main(sys.argv[1:])\n"
-        "print('torch' in sys.modules, code)\n"
-    )
-    argv = ["serve", "--host", "0.0.0.0", "--port", "6000", "--profile", "tiny", "--token", "t0k"]
-    argv += ["--data-dir", str(tmp_path), "--tls-cert", "c.pem", "--tls-key", "k.pem"]
-    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [f"0.0.0.0 6000 tiny t0k c.pem {tmp_path}", "False 0"]
+def test_failed_job_exits_1_and_names_the_bad_field(live, sdk, tmp_path):
+    request = job_spec_pb2.RunPipelineRequest(steps=[
+        job_spec_pb2.JobSpec(generate={"prompt": "a", "width": 32, "height": 32, "steps": 1}),
+        job_spec_pb2.JobSpec(segment=segment_pb2.SegmentRequest(text="a dragon", threshold=1.0)),
+        job_spec_pb2.JobSpec(inpaint=inpaint_pb2.InpaintRequest(prompt="fire", steps=1)),
+    ])
+    job = sdk.pipeline(list(request.steps))
+    with pytest.raises(Exception):  # noqa: B017 - the SDK's JobFailed; the CLI's handling is under test
+        job.wait()
+    result = run(live, "jobs", "watch", job.name)
+    assert result.exit_code == 1
+    assert "steps[2].inpaint.mask" in result.stderr
+    assert result.stdout.splitlines()[-1].split()[1:3] == ["finished", "failed:"]
 
 
-# -- end to end against the real server fixture (tests/conftest.py) ---------------------------
+def test_unreachable_server_gives_one_line_hint(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = CliRunner().invoke(cli.app, ["status", "--server", f"127.0.0.1:{port}"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"paletta: cannot reach the Paletta server at 127.0.0.1:{port}: start it with `paletta serve`"]
+
+
+def test_ctrl_c_cancels_the_job_and_exits_130(live, sdk, tmp_path, monkeypatch):
+    def interrupt(self: out.ProgressView, p: Progress) -> None:
+        if p.stage == "denoising":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(out.ProgressView, "update", interrupt)
+    result = run(live, "generate", "slow", "-o", str(tmp_path / "s.png"), "--width", "32", "--height", "32",
+                 "--steps", "100", "--variants", "8")
+    assert result.exit_code == 130
+    name = result.stderr.splitlines()[0]
+    assert f"paletta: cancelled {name}" in result.stderr
+    deadline = time.monotonic() + 30
+    while sdk.get_job(name).state != job_pb2.JOB_STATE_CANCELLED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sdk.get_job(name).state == job_pb2.JOB_STATE_CANCELLED
+
+
+def test_main_returns_exit_codes_without_raising(live, capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("paletta ")
+    assert cli.main(["generate"]) == 2  # missing PROMPT
+    assert "Missing argument 'PROMPT'" in capsys.readouterr().err
+    assert cli.main(["--address", live.address, "status"]) == 0
+
+
+def test_every_command_has_help_with_an_example():
+    runner = CliRunner()
+    commands = [[name] for name in cli.app.commands if name != "jobs"]
+    commands += [["jobs", name] for name in ("list", "get", "watch", "cancel", "approve")]
+    assert {c[0] for c in commands} >= {
+        "generate", "edit", "inpaint", "outpaint", "qwen-edit", "control", "upscale", "remove-bg", "segment",
+        "detect", "ground", "caption", "analyze", "expand", "pipeline", "status", "models", "styles", "serve"}
+    for command in commands:
+        result = runner.invoke(cli.app, [*command, "--help"])
+        assert result.exit_code == 0 and re.search(r"Example:\n    .*paletta ", result.stdout), command
+    generate = runner.invoke(cli.app, ["generate", "-h"]).stdout
+    assert "1<=x<=100" in generate and "[default: (4)" in generate and "--token" in generate
+
+
+# -- global options before or after the command (issue 8) -----------------------------------------
+
+
+def test_global_options_work_before_or_after_and_from_env(live, tmp_path, monkeypatch):
+    seen: list[tuple[str, str | None]] = []
+    from paletta import _cli_base
+
+    def spy(settings: _cli_base.Settings) -> Client:
+        seen.append((settings.server_address, settings.bearer_token))
+        return Client(settings.server_address)
+
+    monkeypatch.setattr(_cli_base, "make_client", spy)
+    runner = CliRunner()
+    assert runner.invoke(cli.app, ["--token", "a", "status", "--address", live.address]).exit_code == 0
+    assert runner.invoke(cli.app, ["--address", live.address, "status", "--token", "b"]).exit_code == 0
+    env = {"PALETTA_ADDRESS": live.address, "PALETTA_TOKEN": "c"}
+    assert runner.invoke(cli.app, ["jobs", "list"], env=env).exit_code == 0
+    assert seen == [(live.address, "a"), (live.address, "b"), (live.address, "c")]
+
+
+@pytest.mark.parametrize("argv", [["--token", "t0k", "serve"], ["serve", "--token", "t0k"]])
+def test_serve_takes_token_before_or_after_the_command(argv, tmp_path, monkeypatch):
+    import paletta_server.main
+
+    configs = []
+    monkeypatch.setattr(paletta_server.main, "serve", configs.append)
+    monkeypatch.delenv("PALETTA_TOKEN", raising=False)
+    flags = ["--host", "0.0.0.0", "--port", "6000", "--profile", "tiny", "--data-dir", str(tmp_path),
+             "--tls-cert", "c.pem", "--tls-key", "k.pem"]
+    result = CliRunner().invoke(cli.app, [*argv, *flags])
+    assert result.exit_code == 0, result.output
+    (config,) = configs
+    assert (config.host, config.port, config.profile, config.token, config.data_dir) == (
+        "0.0.0.0", 6000, "tiny", "t0k", tmp_path)
+    assert (config.tls_cert, config.tls_key) == (Path("c.pem"), Path("k.pem"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow
-async def test_cli_generate_end_to_end_on_tiny_server(server, tmp_path):
-    out = tmp_path / "knight.png"
-    argv = ["--address", server.address, "generate", "a knight", "-o", str(out)]
-    argv += [
-        "--width",
-        "64",
-        "--height",
-        "48",
-        "--steps",
-        "2",
-        "--seed",
-        "3",
-        "--variants",
-        "2",
-        "--no-progress",
-    ]
-    assert await asyncio.to_thread(cli.main, argv) == 0
-    first, second = Image.open(out), Image.open(tmp_path / "knight-1.png")
-    assert first.size == second.size == (64, 48)
-    assert json.loads(first.text["parameters"])["seed"] == 3
-    assert json.loads(second.text["parameters"])["seed"] == 4
+def test_token_before_serve_starts_an_authenticated_server(tmp_path):
+    """Issue 8: `paletta --token X serve` used to start a server without authentication."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PALETTA_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(p).resolve()) for p in ("server", "client", "webui", ".")])
+    command = [sys.executable, "-m", "paletta.cli", "--token", "s3cret", "serve", "--profile", "tiny",
+               "--port", str(port), "--data-dir", str(tmp_path)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()  # "paletta: serving on …" once it listens
+        assert f":{port}" in line, line
+        address = f"127.0.0.1:{port}"
+        runner = CliRunner()
+        refused = runner.invoke(cli.app, ["--address", address, "status"], env={"PALETTA_TOKEN": ""})
+        assert refused.exit_code == 1 and "UNAUTHENTICATED" in refused.stderr
+        allowed = runner.invoke(cli.app, ["--address", address, "--token", "s3cret", "status"])
+        assert allowed.exit_code == 0 and "profile:      tiny" in allowed.stdout
+    finally:
+        process.send_signal(2)
+        assert process.wait(30) == 0
+
+
+def test_output_path_numbering():
+    assert out.output_path(Path("out.png"), 0) == Path("out.png")
+    assert out.output_path(Path("dir/out.png"), 2) == Path("dir/out-2.png")
+
