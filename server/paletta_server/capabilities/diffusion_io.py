@@ -16,6 +16,7 @@ from PIL import Image, ImageFilter
 
 from paletta.v1 import image_pb2
 from paletta_server.capabilities import common
+from paletta_server.storage import AssetInfo
 
 MULTIPLE = 16
 REALESRGAN_KEY = "realesrgan-x4plus"
@@ -96,8 +97,12 @@ def feathered(mask: Image.Image, radius: int, keep_inside: bool = False) -> Imag
 
 
 # -- inputs ---------------------------------------------------------------------------------------
-def input_image(v: common.Violations, ctx: Any, ref: image_pb2.ImageRef, field_name: str) -> Image.Image | None:
-    """Resolve a required ImageRef (inline bytes become an asset) and open it; None with a violation if missing."""
+def input_image(v: common.Violations, ctx: Any, ref: image_pb2.ImageRef, field_name: str) -> AssetInfo | None:
+    """Resolve a required ImageRef (inline bytes become an asset); its stored size, or None with a violation.
+
+    Reads the asset's metadata, not its pixels: the store checked them when the image came in, and
+    the job decodes it once, on the device.
+    """
     from paletta_server.errors import InvalidArgument
 
     if ref.WhichOneof("source") is None:
@@ -108,7 +113,7 @@ def input_image(v: common.Violations, ctx: Any, ref: image_pb2.ImageRef, field_n
     except InvalidArgument as exc:
         v.items.extend(exc.violations)
         return None
-    return ctx.assets.open_image(ref.asset, field_name)
+    return ctx.assets.get(ref.asset, f"{field_name}.asset")
 
 
 def check_common(v: common.Violations, request: Any, default_steps: int, guidance_range: tuple[float, float]) -> None:

@@ -39,7 +39,8 @@ def prepare_inpaint(request: inpaint_pb2.InpaintRequest, ctx: PrepareContext) ->
     _check_feather(v, request)
     diffusion_io.check_common(v, request, DEFAULT_STEPS, (0.0, 100.0))
     common.check_styles(v, ctx, request.styles, allowed=False, mode="inpaint (FLUX Fill)")
-    if image is not None and mask is not None and diffusion_io.is_empty(diffusion_io.mask_from(mask)):
+    if image is not None and mask is not None and diffusion_io.is_empty(
+            diffusion_io.mask_from(ctx.assets.open_image(request.mask.asset, "mask"))):
         v.add("mask", "the mask is empty (all black): paint the region to regenerate in white")
     v.raise_if_any()
     common.resolve_seed(request)

@@ -136,7 +136,7 @@ class AssetStore:
             with Image.open(self.path(name, field_name)) as img:
                 img.load()
                 if img.mode in ("RGB", "RGBA", "L"):
-                    return img.copy()
+                    return img.copy()  # detached from the file (cheap next to the decode)
                 has_alpha = "A" in img.mode or "transparency" in img.info
                 return img.convert("RGBA" if has_alpha else "RGB")
         except (OSError, SyntaxError, ValueError) as exc:  # a broken pixel stream behind valid chunks
