@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from nicegui import ui
 
 import paletta
-from paletta_webui.page import make_root
+from paletta_webui.page import default_client, make_root
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,12 +19,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tls-root-cert", default=os.environ.get("PALETTA_TLS_ROOT_CERT", ""))
     parser.add_argument("--host", default="127.0.0.1", help="where the page listens")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where output images are cached")
     args = parser.parse_args(argv)
 
     def client() -> paletta.AsyncClient:
-        return paletta.AsyncClient(args.address, token=args.token or None, tls_root_cert=args.tls_root_cert or None)
+        return default_client(args.address, args.token or None, args.tls_root_cert or None)
 
-    ui.run(make_root(client), host=args.host, port=args.port, title="Paletta", reload=False, show=False)
+    ui.run(make_root(client, args.cache_dir), host=args.host, port=args.port, title="Paletta", reload=False,
+           show=False)
 
 
 if __name__ in {"__main__", "__mp_main__"}:
