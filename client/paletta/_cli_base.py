@@ -130,7 +130,7 @@ def global_options(f: F) -> F:
 # -- parameter types ------------------------------------------------------------------------------
 
 
-class ImageArg(click.ParamType):
+class ImageArg(click.ParamType):  # type: ignore[type-arg,unused-ignore]  # generic from click 8.2
     """An image input: an existing file, or an asset name "assets/…" already on the server."""
 
     name = "IMAGE"
@@ -147,7 +147,7 @@ class ImageArg(click.ParamType):
         return text
 
 
-class OutputArg(click.ParamType):
+class OutputArg(click.ParamType):  # type: ignore[type-arg,unused-ignore]
     """An output file, checked writable before anything is submitted."""
 
     name = "FILE"

@@ -7,8 +7,9 @@ and writes image outputs to ``-o`` (checked writable before submitting).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -34,13 +35,14 @@ from paletta.results import Caption, Detections, PromptExpansion, Segmentation, 
 from paletta.v1 import job_pb2
 
 CAPABILITY_COMMANDS: list[click.Command] = []
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def capability(name: str, example: str, **kwargs: Any) -> Any:
+def capability(name: str, example: str) -> Callable[[Callable[..., Any]], click.Command]:
     """Declare a capability command: global options, help with an example."""
 
-    def decorate(f: Any) -> click.Command:
-        command = click.command(name, epilog=f"\b\nExample:\n  {example}", **kwargs)(global_options(f))
+    def decorate(f: Callable[..., Any]) -> click.Command:
+        command = click.command(name, epilog=f"\b\nExample:\n  {example}")(global_options(f))
         # The command's own options first in --help, the global ones after them.
         own = [p for p in command.params if p.name not in GLOBAL_PARAMS]
         command.params = own + [p for p in command.params if p.name in GLOBAL_PARAMS]
@@ -139,7 +141,7 @@ def inpaint(image: str, prompt: str, output: Path, no_progress: bool, mask: str 
     )
 
 
-def _side(name: str) -> Any:
+def _side(name: str) -> Callable[[F], F]:
     return click.option(f"--{name}", type=click.IntRange(0, 2048), default=0, help=f"Pixels added on the {name}.")
 
 
@@ -356,7 +358,7 @@ def pipeline(script: Any, output: Path, no_progress: bool, image: str | None, **
     if not steps:
         raise click.BadParameter("the script has no steps", param_hint="SCRIPT")
     job = sdk_job_kwargs(kw)
-    names = [step.WhichOneof("spec") or "?" for step in steps]
+    names: list[str] = [step.WhichOneof("spec") or "?" for step in steps]
 
     def submit(client: Client) -> Any:
         return client.pipeline(steps, image=image, **job)
