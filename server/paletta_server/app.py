@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from paletta_server.capabilities import discover
 from paletta_server.capabilities.base import Capability, PrepareContext
@@ -11,7 +11,7 @@ from paletta_server.config import Config
 from paletta_server.jobs.manager import JobManager
 from paletta_server.jobs.runner import DeviceWorker
 from paletta_server.jobs.store import JobStore
-from paletta_server.models.device import budget_function, detect_device
+from paletta_server.models.device import budget_function, detect_device, device_capacity
 from paletta_server.models.profiles import PROFILES, Profile
 from paletta_server.models.registry import ModelRegistry
 from paletta_server.models.residency import ResidencyManager
@@ -34,10 +34,13 @@ class PalettaApp:
         self.assets = AssetStore(config.assets_dir, config.max_upload_bytes, config.max_image_pixels)
         self.registry = ModelRegistry(config)
         self.styles = StyleRegistry(config.data_dir)
+        memory = (config.cpu_memory_budget_bytes, config.cuda_reserve_bytes, config.memory_budget)
         self.residency = ResidencyManager(
-            self.registry, self.device,
-            budget_function(self.device, config.cpu_memory_budget_bytes, config.cuda_reserve_bytes),
+            self.registry, self.device, budget_function(self.device, *memory),
+            cap=config.memory_budget, capacity=device_capacity(self.device, *memory),
         )
+        # The inference edge the memory budget allows (never above the profile's own).
+        self.profile = replace(self.profile, max_inference_edge=self.residency.policy.inference_edge)
         self.capabilities: dict[str, Capability] = discover()
         self.manager = JobManager(self.store, self.assets, max_queue=config.max_queue,
                                   lookahead=config.affinity_lookahead, max_skips=config.max_skips)

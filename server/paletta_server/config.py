@@ -40,6 +40,10 @@ class Config:
     preview_every: int = 2
     # Per-model source overrides: {"flux-schnell": {"path": "...", "repo": "...", "revision": "..."}}.
     models: dict[str, dict[str, str]] = field(default_factory=dict)
+    # -- memory cap (issue 14): bytes the server may use on its device, models and activations together;
+    # 0 = the whole device. "16GiB" plans for a 16 GB card and caps CUDA allocations to it, so a run on a
+    # bigger GPU fails where that card would (flag --memory-budget, PALETTA_MEMORY_BUDGET, toml memory_budget).
+    memory_budget: int = 0
 
     @property
     def db_path(self) -> Path:
@@ -54,6 +58,28 @@ class Config:
         return self.data_dir / "models"
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+               "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(value: str | int | float) -> int:
+    """Bytes of a size: 16GiB, 16GB (10^9), 1.5GiB, 512MiB, 17179869184, "0"; case and spaces ignored."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int | float):
+        number, unit = float(value), ""
+    else:
+        text = str(value).strip().lower().replace(" ", "").replace("_", "")
+        digits = len(text) - len(text.lstrip("0123456789."))
+        number_text, unit = text[:digits], text[digits:]
+        if not number_text or unit not in _SIZE_UNITS:
+            raise ValueError(f"not a size: {value!r} (use e.g. 16GiB, 16GB, 1.5GiB or a number of bytes)")
+        number = float(number_text)
+    if number < 0:
+        raise ValueError(f"a size cannot be negative: {value!r}")
+    return int(number * _SIZE_UNITS[unit])
+
+
 _ENV = {
     "PALETTA_HOST": ("host", str),
     "PALETTA_PORT": ("port", int),
@@ -64,6 +90,7 @@ _ENV = {
     "PALETTA_CPU_MEMORY_BUDGET": ("cpu_memory_budget_bytes", int),
     "PALETTA_MAX_QUEUE": ("max_queue", int),
     "PALETTA_MAX_UPLOAD_BYTES": ("max_upload_bytes", int),
+    "PALETTA_MEMORY_BUDGET": ("memory_budget", parse_size),
 }
 
 
@@ -86,6 +113,8 @@ def load_config(data_dir: Path | None = None, env: dict[str, str] | None = None,
     for path_field in ("tls_cert", "tls_key"):
         if values.get(path_field) is not None:
             values[path_field] = Path(values[path_field])
+    if values.get("memory_budget") is not None:  # toml and flags may give "16GiB" as well as bytes
+        values["memory_budget"] = parse_size(values["memory_budget"])
     config = replace(base, **values)
     if config.profile not in PROFILES:
         raise ValueError(f"unknown profile {config.profile!r}; choose one of {', '.join(PROFILES)}")

@@ -41,6 +41,9 @@ class SystemServicer(system_service_pb2_grpc.SystemServiceServicer):
             running_job=app.manager.running_job(),
             max_edge=app.profile.max_inference_edge,
             loading_model=app.residency.loading, evicted_models=list(app.residency.evicted),
+            memory_cap_bytes=app.config.memory_budget, inference_edge=app.residency.policy.inference_edge,
+            keep_two_families=app.residency.policy.keep_two_families,
+            offloaded_models=app.residency.offloaded(),
         )
         gpu = gpu_stats() if device.name == "cuda" else None
         if gpu is not None:

@@ -30,11 +30,84 @@ def pretrained_kwargs(source: ModelSource, lc: LoadContext, quantize: list[str] 
 
 def load_pipeline(cls: Any, source: ModelSource, lc: LoadContext, quantize: list[str] | None = None,
                   **extra: Any) -> Any:
-    """Load a diffusers pipeline class from a source and move it to the device."""
-    pipe = from_pretrained(cls, source, lc, quantize, **extra)
-    pipe.to(lc.device.name)
+    """Load a diffusers pipeline class from a source and move it to the device; when the memory plan
+    says so (``lc.offload``), keep it on the CPU under model CPU offload instead."""
+    if lc.offload and lc.device.name == "cuda":
+        pipe = _load_on_cpu(cls, source, lc, quantize, **extra)
+    else:
+        pipe = from_pretrained(cls, source, lc, quantize, **extra)
+        pipe.to(lc.device.name)
     pipe.set_progress_bar_config(disable=True)
+    if lc.offload:
+        offload_model_cpu(pipe, lc.device)
     return pipe
+
+
+def offload_model_cpu(pipe: Any, device: Any) -> None:
+    """diffusers' model CPU offload: components wait on the CPU and move to the GPU one at a time as the
+    pipeline calls them (text encoders leave once the prompt is encoded). On a CPU device the weights
+    are in host memory already, so only the mark is set."""
+    if getattr(device, "name", "cpu") == "cuda" and hasattr(pipe, "enable_model_cpu_offload"):
+        pipe.enable_model_cpu_offload(device="cuda")
+    pipe._paletta_offloaded = True
+
+
+def _component_class(source: ModelSource, component: str) -> Any:
+    import importlib
+
+    from diffusers import DiffusionPipeline
+
+    where, kwargs = pretrained_location(source)
+    library, class_name = DiffusionPipeline.load_config(where, **kwargs)[component]
+    return getattr(importlib.import_module(library), class_name)
+
+
+def _nf4_config(library_module: str) -> Any:
+    import torch
+
+    settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16}
+    if library_module.startswith("transformers"):
+        from transformers import BitsAndBytesConfig
+    else:
+        from diffusers import BitsAndBytesConfig
+    return BitsAndBytesConfig(**settings)
+
+
+def _load_on_cpu(cls: Any, source: ModelSource, lc: LoadContext, quantize: list[str] | None, **extra: Any) -> Any:
+    """The pipeline with its NF4 components quantized one at a time on the GPU (bitsandbytes quantizes
+    there) and each moved to the CPU at once, so loading never holds more than one on the device."""
+    from paletta_server.engines.common import free_device_memory
+
+    components = NF4_COMPONENTS if quantize is None else quantize
+    loaded: dict[str, Any] = {}
+    todo: list[str] = []
+    cache = None
+    if lc.device.quantization == "nf4":
+        cache = nf4_cache.cache_dir(lc)
+        cached = nf4_cache.load(cache, source, components, lc) if cache else {}
+        where, kwargs = pretrained_location(source)
+        for name in components:
+            model = cached.get(name)
+            if model is None:
+                todo.append(name)
+                model_cls = _component_class(source, name)
+                model = model_cls.from_pretrained(where, subfolder=name, dtype=lc.device.dtype,
+                                                  quantization_config=_nf4_config(model_cls.__module__), **kwargs)
+            loaded[name] = model.to("cpu")
+            free_device_memory()
+    for value in extra.values():
+        if hasattr(value, "parameters") and hasattr(value, "to"):
+            value.to("cpu")
+    where, kwargs = pretrained_location(source)
+    pipe = cls.from_pretrained(where, dtype=lc.device.dtype, **kwargs, **loaded, **extra)
+    if cache and todo:
+        nf4_cache.store(cache, source, todo, pipe)
+    return pipe
+
+
+def execution_device(pipe: Any) -> str:
+    """"cuda" or "cpu": where the pipeline computes (under CPU offload its modules wait on the CPU)."""
+    return str(getattr(pipe, "_execution_device", pipe.device).type)
 
 
 def from_pretrained(cls: Any, source: ModelSource, lc: LoadContext, quantize: list[str] | None = None,
@@ -77,7 +150,8 @@ class LatentPreview:
         channels = vae.config.latent_channels
         with torch.no_grad():
             gen = torch.Generator().manual_seed(0)
-            latents = torch.randn(1, channels, 8, 8, generator=gen).to(vae.device, vae.dtype)
+            device = getattr(pipe, "_execution_device", vae.device)  # under offload the hook moves the VAE
+            latents = torch.randn(1, channels, 8, 8, generator=gen).to(device, vae.dtype)
             image = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
             rgb = torch.nn.functional.adaptive_avg_pool2d(image.float(), (8, 8))
         x = latents.float().reshape(channels, -1).T.cpu()  # (64, C)
@@ -129,5 +203,5 @@ def text_to_image(pipe: Any, sink: ProgressSink, *, prompt: str, width: int, hei
                   guidance: float, preview_every: int = 2, **extra: Any) -> Any:
     return run_pipeline(
         pipe, sink, steps=steps, height=height, width=width, preview_every=preview_every, prompt=prompt,
-        guidance_scale=guidance, generator=generator(str(pipe.device.type), seed), **extra,
+        guidance_scale=guidance, generator=generator(execution_device(pipe), seed), **extra,
     )

@@ -36,7 +36,7 @@ def edit(pipe: Any, sink: ProgressSink, *, image: Any, prompt: str, steps: int, 
     width, height = image.size
     return flux.run_pipeline(
         pipe, sink, steps=steps, height=height, width=width, preview_every=preview_every, image=image,
-        prompt=prompt, guidance_scale=guidance, generator=flux.generator(str(pipe.device.type), seed),
+        prompt=prompt, guidance_scale=guidance, generator=flux.generator(flux.execution_device(pipe), seed),
         max_area=width * height, _auto_resize=False, **extra,
     )
 
@@ -48,5 +48,5 @@ def fill(pipe: Any, sink: ProgressSink, *, image: Any, mask: Any, prompt: str, s
     return flux.run_pipeline(
         pipe, sink, steps=steps, height=height, width=width, preview_every=preview_every, image=image,
         mask_image=mask, prompt=prompt, guidance_scale=guidance,
-        generator=flux.generator(str(pipe.device.type), seed),
+        generator=flux.generator(flux.execution_device(pipe), seed),
     )

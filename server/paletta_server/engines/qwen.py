@@ -23,7 +23,10 @@ _patch_lock = threading.Lock()
 
 
 def load_qwen_edit(source: ModelSource, lc: LoadContext) -> Any:
-    """QwenImageEditPipeline; under NF4 (CUDA) the 20B transformer and the Qwen2.5-VL encoder are 4-bit."""
+    """QwenImageEditPipeline; under NF4 (CUDA) the 20B transformer and the Qwen2.5-VL encoder are 4-bit.
+
+    At full size that is ≈ 18 GB: on a 16 GB card the memory plan loads it under model CPU offload
+    (``lc.offload``), the text encoder leaving the GPU once the prompt is encoded."""
     from diffusers import QwenImageEditPipeline
 
     return flux.load_pipeline(QwenImageEditPipeline, source, lc, quantize=["transformer", "text_encoder"])
@@ -42,7 +45,8 @@ class QwenLatentPreview:
         with torch.no_grad():
             gen = torch.Generator().manual_seed(0)
             latents = torch.randn(1, channels, 1, 8, 8, generator=gen)
-            decoded = vae.decode((latents * std + mean).to(vae.device, vae.dtype), return_dict=False)[0]
+            device = getattr(pipe, "_execution_device", vae.device)  # under offload the hook moves the VAE
+            decoded = vae.decode((latents * std + mean).to(device, vae.dtype), return_dict=False)[0]
             rgb = torch.nn.functional.adaptive_avg_pool2d(decoded[:, :, 0].float().cpu(), (8, 8))
         x = latents.reshape(channels, -1).T
         x1 = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
@@ -94,7 +98,7 @@ def edit(pipe: Any, sink: ProgressSink, *, image: Any, prompt: str, negative_pro
         result = pipe(
             image=image, prompt=prompt, negative_prompt=negative if guidance > 1 else None,
             true_cfg_scale=guidance, height=height, width=width, num_inference_steps=steps,
-            generator=flux.generator(str(pipe.device.type), seed),
+            generator=flux.generator(flux.execution_device(pipe), seed),
             callback_on_step_end=step_callback(sink, steps, send_preview, preview_every),
             callback_on_step_end_tensor_inputs=["latents"],
         )

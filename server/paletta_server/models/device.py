@@ -54,15 +54,68 @@ def gpu_stats() -> Any | None:
     )
 
 
-def budget_function(device: Device, cpu_budget: int, cuda_reserve: int):
-    """budget(used_by_us): configured bytes on CPU; on CUDA what is free now plus what we hold, less a reserve."""
+# Under a memory cap the allocator's fragmentation is kept out of the plan (activations are in it).
+CAP_MARGIN = 256 * 1024**2
+_cap_applied = 0
+
+
+def apply_memory_cap(cap: int) -> float | None:
+    """Cap this process's CUDA allocations at ``cap`` bytes, once, at first CUDA use:
+    ``torch.cuda.set_per_process_memory_fraction(cap / total)``, so an 80+ GB GPU fails where a card
+    of ``cap`` bytes would. Returns the fraction set, or None (no cap, no CUDA, already set)."""
+    global _cap_applied
+    if cap <= 0 or _cap_applied == cap:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory
+    fraction = min(1.0, cap / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    _cap_applied = cap
+    return fraction
+
+
+def release_memory_cap() -> None:
+    """Lift the cap again (the GPU benchmark runs capped and uncapped servers in one process)."""
+    global _cap_applied
+    if _cap_applied:
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        _cap_applied = 0
+
+
+def budget_function(device: Device, cpu_budget: int, cuda_reserve: int, cap: int = 0):
+    """budget(used_by_us): the bytes models and one job's activations may use.
+
+    With a cap: the cap (less CAP_MARGIN on CUDA, where it is enforced at first use). Without: the
+    configured bytes on CPU; on CUDA what is free now plus what we hold, less a reserve."""
     if device.name != "cuda":
-        return lambda used: cpu_budget
+        return lambda used: cap or cpu_budget
 
     def cuda_budget(used: int) -> int:
         import torch
 
+        if cap:
+            apply_memory_cap(cap)
+            return max(0, cap - CAP_MARGIN)
         free, _total = torch.cuda.mem_get_info()
         return max(0, free + used - cuda_reserve)
 
     return cuda_budget
+
+
+def device_capacity(device: Device, cpu_budget: int, cuda_reserve: int, cap: int = 0) -> int:
+    """The budget with nothing loaded, known at start without torch (NVML): what the inference edge
+    and the two-family rule are derived from. 0 when unknown."""
+    if cap:
+        return max(0, cap - (CAP_MARGIN if device.name == "cuda" else 0))
+    if device.name != "cuda":
+        return cpu_budget
+    nvml = _nvml()
+    if nvml is None:
+        return 0
+    total = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(0)).total
+    return max(0, total - cuda_reserve)

@@ -10,7 +10,9 @@ class Profile:
     name: str
     # "nf4" (bitsandbytes 4-bit transformer + T5), "bf16" or "fp32".
     quantization: str
-    # Longest edge diffusion inputs are downscaled to for inference (the seed's FLUX_MAX_EDGE).
+    # Longest edge diffusion inputs are downscaled to for inference (the seed's FLUX_MAX_EDGE): the
+    # ceiling; the server lowers it to what its memory budget allows (models/memory.py derive_policy:
+    # the seed's 512 px under `quality` was its 16 GB card's limit, not the profile's).
     max_inference_edge: int
     # Longest edge a text-to-image request may ask for.
     max_generate_edge: int
@@ -29,7 +31,7 @@ PROFILES: dict[str, Profile] = {
         "hyper", "nf4", 1024, 2048, acceleration_lora="hyper-sd", accelerated_steps=8,
         description="NF4 plus the Hyper-SD 8-step acceleration LoRA",
     ),
-    "quality": Profile("quality", "bf16", 512, 2048, description="bf16, slow, maximum fidelity"),
+    "quality": Profile("quality", "bf16", 1024, 2048, description="bf16, slow, maximum fidelity"),
     "tiny": Profile("tiny", "fp32", 512, 1024, tiny=True,
                     description="random-weight tiny models built locally; for tests and demos, no weights"),
 }

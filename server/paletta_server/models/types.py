@@ -56,3 +56,6 @@ class LoadContext:
     source_of: Callable[[str], ModelSource]
     # Where loaders may cache converted weights (NF4-quantized components), inside the data dir.
     cache_dir: Path | None = None
+    # The memory plan needs model CPU offload for this model (engines/flux.py: components are loaded,
+    # then kept on the CPU and moved to the device one at a time while the job runs).
+    offload: bool = False
