@@ -20,7 +20,7 @@ from paletta import _common as c
 from paletta import pipeline as pipeline_script
 from paletta._calls import Dependency, ImageSlot, JobCall, job_options
 from paletta._common import ImageInput, StylesInput
-from paletta.results import Caption, Detections, PromptExpansion, Result, Segmentation
+from paletta.results import Caption, Detections, FaceIdentity, PromptExpansion, Result, Segmentation
 from paletta.v1 import (
     background_pb2,
     caption_pb2,
@@ -28,6 +28,7 @@ from paletta.v1 import (
     detect_pb2,
     edit_pb2,
     generate_pb2,
+    identity_pb2,
     inpaint_pb2,
     job_spec_pb2,
     prompt_pb2,
@@ -42,6 +43,7 @@ HDet = TypeVar("HDet")
 HCap = TypeVar("HCap")
 HExp = TypeVar("HExp")
 HAny = TypeVar("HAny")  # handle of a pipeline: any result type
+HFace = TypeVar("HFace")  # handle of an identity job: images with a FaceIdentity result
 
 Priority = int | str | None
 """A queue priority: "low", "normal", "high" (or the enum int); None = the capability's default."""
@@ -57,7 +59,7 @@ def _image_prompt(request: Any, image: ImageInput | None, weight: float | None) 
     return [ImageSlot(request.image_prompt, "image", image)]
 
 
-class Capabilities(Generic[HImage, HSeg, HDet, HCap, HExp, HAny]):
+class Capabilities(Generic[HImage, HSeg, HDet, HCap, HExp, HAny, HFace]):
     """Typed capability calls; each type parameter is the handle a call returns, per result type."""
 
     def _submit(self, call: JobCall[Any]) -> object:
@@ -519,6 +521,54 @@ class Capabilities(Generic[HImage, HSeg, HDet, HCap, HExp, HAny]):
             **c.optional_fields(seed=seed, max_tokens=max_tokens),
         )
         return cast(HExp, self._submit(JobCall[PromptExpansion]("PromptService", "Expand", request)))
+
+    def identity(
+        self,
+        face: ImageInput,
+        prompt: str,
+        *,
+        id_strength: float | None = None,
+        start_step: int | None = None,
+        face_index: int | None = None,
+        true_cfg: float | None = None,
+        negative_prompt: str | None = None,
+        guidance: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
+        variants: int | None = None,
+        styles: StylesInput = None,
+        request_id: str | None = None,
+        priority: Priority = None,
+        cancel_on_disconnect: bool = False,
+    ) -> HFace:
+        """Text to image keeping the face in ``face`` (PuLID-FLUX on FLUX.1-dev).
+
+        ``id_strength`` in [0, 2] (default 1.0; 0 = plain FLUX.1-dev), ``start_step`` the first
+        step that gets the identity (default 0), ``face_index`` which face (largest first, default
+        the largest), ``true_cfg`` > 1 turns on true CFG with ``negative_prompt``. Each output's
+        :class:`~paletta.FaceIdentity` result gives the face box, score and the face crop asset.
+        A photo without a face fails the job (:class:`~paletta.FailedPrecondition`, reason NO_FACE).
+
+        Example::
+
+            job = client.identity("me.jpg", "portrait of a knight, oil painting", seed=3)
+            job.image().save("knight.png")
+            print(job.result().box, job.result().score)
+        """
+        request = identity_pb2.IdentityServiceGenerateRequest(
+            prompt=prompt,
+            styles=c.styles(styles),
+            options=job_options(request_id, priority, cancel_on_disconnect),
+            **c.optional_fields(
+                id_strength=id_strength, start_step=start_step, face_index=face_index, true_cfg=true_cfg,
+                negative_prompt=negative_prompt, guidance=guidance, width=width, height=height, steps=steps,
+                seed=seed, variants=variants,
+            ),
+        )
+        call = JobCall[FaceIdentity]("IdentityService", "Generate", request, [ImageSlot(request, "face", face)])
+        return cast(HFace, self._submit(call))
 
     def pipeline(
         self,

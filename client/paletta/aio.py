@@ -20,7 +20,7 @@ from paletta._follow import FetchJob, Finished, JobFollower, Raise, Read, Submit
 from paletta._handle import HandleBase, image_asset
 from paletta._stubs import make_stubs
 from paletta.errors import PalettaError, from_rpc_error
-from paletta.results import Caption, Detections, Progress, PromptExpansion, Result, Segmentation
+from paletta.results import Caption, Detections, FaceIdentity, Progress, PromptExpansion, Result, Segmentation
 from paletta.v1 import (
     asset_service_pb2,
     image_pb2,
@@ -237,6 +237,7 @@ class AsyncClient(
         AsyncJobHandle[Caption],
         AsyncJobHandle[PromptExpansion],
         AsyncJobHandle[Result],
+        AsyncJobHandle[FaceIdentity],
     ]
 ):
     """asyncio Paletta client on ``grpc.aio``: the same calls as :class:`~paletta.Client`.

@@ -19,7 +19,7 @@ from paletta._follow import FetchJob, Finished, JobFollower, Raise, Read, Submit
 from paletta._handle import HandleBase, image_asset
 from paletta._stubs import make_stubs
 from paletta.errors import PalettaError, from_rpc_error
-from paletta.results import Caption, Detections, Progress, PromptExpansion, Result, Segmentation
+from paletta.results import Caption, Detections, FaceIdentity, Progress, PromptExpansion, Result, Segmentation
 from paletta.v1 import (
     asset_service_pb2,
     image_pb2,
@@ -226,6 +226,7 @@ class Client(
         JobHandle[Caption],
         JobHandle[PromptExpansion],
         JobHandle[Result],
+        JobHandle[FaceIdentity],
     ]
 ):
     """Synchronous Paletta client.

@@ -1,7 +1,7 @@
 """Typed values the SDK hands back: job results and progress, as plain dataclasses.
 
 The server's typed output results (``JobOutput.result``) become :class:`Detections`,
-:class:`Caption`, :class:`PromptExpansion` or :class:`Segmentation`; progress and preview
+:class:`Caption`, :class:`PromptExpansion`, :class:`Segmentation` or :class:`FaceIdentity`; progress and preview
 events become :class:`Progress`.
 
 Example::
@@ -98,7 +98,23 @@ class Segmentation:
     coverage: float
 
 
-Result: TypeAlias = Detections | Caption | PromptExpansion | Segmentation
+@dataclass(frozen=True)
+class FaceIdentity:
+    """The face an ``identity`` job took its identity from (the same on every output).
+
+    ``box`` is in the face photo's pixels, ``score`` the detector's confidence; ``face_index``
+    counts faces by box area, largest first, of ``faces_found``. ``face_crop`` is the asset name
+    of the aligned, parsed face the encoders saw (``download_image`` it to check the crop).
+    """
+
+    box: Box
+    score: float
+    face_index: int
+    faces_found: int
+    face_crop: str
+
+
+Result: TypeAlias = Detections | Caption | PromptExpansion | Segmentation | FaceIdentity
 """Any typed job result."""
 
 
@@ -146,4 +162,7 @@ def result_of(output: job_pb2.JobOutput) -> Result | None:
         return PromptExpansion(output.expansion.original, output.expansion.expanded)
     if kind == "segmentation":
         return Segmentation(output.asset.name, output.segmentation.coverage)
+    if kind == "face_identity":
+        f = output.face_identity
+        return FaceIdentity(_box(f.box), f.score, f.face_index, f.faces_found, f.face_crop)
     return None

@@ -77,6 +77,21 @@ SPECS: tuple[ModelSpec, ...] = (
               f"{_E}.caption:load_blip2", f"{_T}.vision:build_blip2", estimated_bytes=6 * GB),
     ModelSpec("qwen2.5-1.5b-instruct", "Qwen/Qwen2.5-1.5B-Instruct",
               f"{_E}.prompt:load_qwen_llm", f"{_T}.vision:build_qwen_llm", estimated_bytes=3 * GB),
+    # Identity (PuLID-FLUX v0.9.1): a FLUX.1-dev FluxPipeline (built on the flux-dev source), the PuLID
+    # IDFormer + CA weights, InsightFace antelopev2 (detector + ArcFace), EVA02-CLIP-L-14-336, BiSeNet parsing.
+    ModelSpec("flux-dev-pipeline", "black-forest-labs/FLUX.1-dev",
+              f"{_E}.pulid:load_dev_pipeline", f"{_T}.identity:build_dev_pipeline", estimated_bytes=12 * GB),
+    ModelSpec("pulid-flux", "guozinan/PuLID",
+              f"{_E}.pulid:load_pulid", f"{_T}.identity:build_pulid",
+              filename="pulid_flux_v0.9.1.safetensors", estimated_bytes=1200 * 1024**2),
+    ModelSpec("antelopev2", "DIAMONIK7777/antelopev2",
+              f"{_E}.faces:load_face_analysis", f"{_T}.identity:build_antelopev2", estimated_bytes=300 * 1024**2),
+    ModelSpec("eva02-clip-l-336", "timm/eva02_large_patch14_clip_336.merged2b_s6b_b61k",
+              f"{_E}.pulid:load_eva", f"{_T}.identity:build_eva",
+              filename="open_clip_model.safetensors", estimated_bytes=700 * 1024**2),
+    ModelSpec("facexlib-parsing", "xinntao/facexlib",
+              f"{_E}.faces:load_face_parser", f"{_T}.identity:build_face_parser",
+              filename="parsing_bisenet.safetensors", estimated_bytes=60 * 1024**2),
 )
 
 
