@@ -74,7 +74,8 @@ class Workstation:
             with ui.column().classes("w-full gap-1") as self.prompt_box:
                 self.prompt = ui.textarea("Prompt").classes("w-full").props("autogrow").mark("prompt")
                 with ui.row().classes("gap-1"):
-                    self.enhance_button = ui.button("✨ Enhance", on_click=self.enhance).props("flat dense no-caps")
+                    self.enhance_button = ui.button("Enhance", icon="auto_awesome", on_click=self.enhance)
+                    self.enhance_button.props("flat dense no-caps")
                     self.undo_enhance = ui.button("Undo enhance", icon="undo", on_click=self.undo_prompt).props(
                         "flat dense no-caps"
                     )
