@@ -494,14 +494,17 @@ def test_token_before_serve_starts_an_authenticated_server(tmp_path):
     """Issue 8: `paletta --token X serve` used to start a server without authentication."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PALETTA_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(p).resolve()) for p in ("server", "client", "webui", ".")])
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(str(root / p) for p in ("server", "client", "webui", "."))
     command = [sys.executable, "-m", "paletta.cli", "--token", "s3cret", "serve", "--profile", "tiny",
                "--port", str(port), "--data-dir", str(tmp_path)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert process.stdout is not None
-        line = process.stdout.readline()  # "paletta: serving on …" once it listens
-        assert f":{port}" in line, line
+        lines: list[str] = []
+        while not any("serving on" in x for x in lines) and len(lines) < 50:  # printed once it listens
+            lines.append(process.stdout.readline())
+        assert f"paletta: serving on 127.0.0.1:{port}" in lines[-1], lines
         address = f"127.0.0.1:{port}"
         runner = CliRunner()
         refused = runner.invoke(cli.app, ["--address", address, "status"], env={"PALETTA_TOKEN": ""})
