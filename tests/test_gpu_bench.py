@@ -23,7 +23,7 @@ def test_tiny_run_writes_every_figure(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "tests.bench.gpu", "--size", "tiny", "--steps", "2", "--runs", "2", "--res", "128",
          "--out", str(out), "--work", str(tmp_path / "work")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
@@ -52,5 +52,35 @@ def test_tiny_run_writes_every_figure(tmp_path):
             assert png["size"] == [128, 128] and png["stored_bytes"] > 0
             for name in ("pillow_level1_ms", "sha256_ms", "write_fsync_ms", "encode_png_ms"):
                 assert png[name] > 0, (label, kind, name)
-    assert "| first image after start (s) |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| first image after start (s) |" in summary
+    # The memory stage: a 16 GiB cap (on the CPU it drives the planner only), one job per capability.
+    memory = data["memory"]
+    assert memory["status"]["memory_cap_bytes"] == 16 * 1024**3 and memory["status"]["inference_edge"] > 0
+    assert set(memory["jobs"]) == {"generate", "edit", "inpaint", "control", "qwen_edit"}
+    for kind, job in memory["jobs"].items():
+        assert job["passed"] and job["peak_rss_bytes"] > 0 and job["s_per_step"] > 0, (kind, job)
+        assert job["size"] == [128, 128] and job["resident_bytes"]
+    assert "| qwen_edit | PASS |" in summary
     assert not (tmp_path / "work").exists()  # the weights and data dirs are removed
+
+
+@pytest.mark.slow
+def test_memory_stage_alone_records_a_refusal(tmp_path):
+    """--only memory skips the profile stages; a job over the cap is a FAIL with MEMORY_BUDGET, not an error."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PALETTA_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.bench.gpu", "--size", "tiny", "--steps", "2", "--res", "64", "--only", "memory",
+         "--memory-budget", "1MiB", "--skip", "edit", "inpaint", "control", "generate", "--out", str(out),
+         "--work", str(tmp_path / "work")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["profiles"] == {} and data["errors"] == []
+    jobs = data["memory"]["jobs"]
+    assert set(jobs) == {"qwen_edit"}
+    qwen = jobs["qwen_edit"]
+    assert not qwen["passed"] and qwen["reason"] == "MEMORY_BUDGET" and qwen["metadata"]["model"] == "qwen-image-edit"
+    assert "| qwen_edit | FAIL |" in (out / "summary.md").read_text()

@@ -20,6 +20,14 @@ What it does, writing ``<out>/results.json`` after every figure (a cut-off run s
    and atomic write of the real output. Then a second ``fast`` start on the same data dir gives the
    first-image time with the NF4 cache warm (engines/nf4_cache.py).
 
+3. ``memory`` (``--memory-budget 16GiB``, last, or alone with ``--only memory``): a ``fast`` server
+   capped at that budget (the residency plan and ``torch.cuda.set_per_process_memory_fraction``, so an
+   80+ GB GPU fails where a 16 GB card would) runs one job per capability at ``--res`` (1024²):
+   Generate, Kontext Edit, Fill inpaint, ControlNet (full-size Union-Pro, NF4) and, when the time and
+   the tmpfs allow, Qwen-Image-Edit (20 B MMDiT + Qwen2.5-VL-7B, built after the FLUX weights are
+   removed). Each writes pass/fail (with the error reason), peak allocated, s/step, whether it was
+   offloaded and what was evicted into results.json ``memory.jobs`` and summary.md as it goes.
+
 Stages run in order of importance and are skipped when their estimate no longer fits ``--budget-s``.
 """
 
@@ -72,7 +80,20 @@ FULL = {  # FLUX.1 component shapes (shared/notes/gpu.md)
                 up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
                 layers_per_block=2, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
                 use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611, sample_size=1024),
+    # Shakker-Labs FLUX.1-dev-ControlNet-Union-Pro (InstantX Union layout): 5 double + 10 single blocks
+    "controlnet": dict(patch_size=1, in_channels=64, num_layers=5, num_single_layers=10, attention_head_dim=128,
+                       num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                       guidance_embeds=True, axes_dims_rope=(16, 56, 56), num_mode=10),
+    # Qwen-Image(-Edit) MMDiT, 20.4 B: diffusers' QwenImageTransformer2DModel defaults
+    "qwen_transformer": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                             num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+    # Qwen2.5-VL-7B-Instruct (token ids stay those of the tiny tokenizer, which the vocabulary covers)
+    "qwen_text": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                      num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000),
+    "qwen_vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                        fullatt_block_indexes=[7, 15, 23, 31]),
 }
+MEMORY_KINDS = ("generate", "edit", "inpaint", "control", "qwen_edit")
 log = logging.getLogger("paletta.bench.gpu")
 
 
@@ -154,7 +175,23 @@ def build_tiny_folders(models: Path) -> dict[str, Path]:
     return folders
 
 
-def build_full_component(name: str, dest: Path, fill: bool = False) -> dict[str, float]:
+def full_qwen_text_encoder(tiny_config: Path | None) -> Any:
+    """Qwen2.5-VL-7B from the tiny build's config (its special token ids) with the real widths."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig.from_pretrained(tiny_config)
+    for name, value in FULL["qwen_text"].items():
+        setattr(config.text_config, name, value)
+    rope = dict(getattr(config.text_config, "rope_parameters", None) or {})
+    rope.update(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24])
+    config.text_config.rope_parameters = rope
+    for name, value in FULL["qwen_vision"].items():
+        setattr(config.vision_config, name, value)
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def build_full_component(name: str, dest: Path, fill: bool = False,
+                         tiny_config: Path | None = None) -> dict[str, float]:
     """Construct one full-size component on the GPU in bf16 and save it; returns parameters and seconds."""
     import torch
 
@@ -177,6 +214,20 @@ def build_full_component(name: str, dest: Path, fill: bool = False) -> dict[str,
                 from transformers import CLIPTextConfig, CLIPTextModel
 
                 model = CLIPTextModel(CLIPTextConfig(**FULL["clip"]))
+            elif name == "controlnet":
+                from diffusers import FluxControlNetModel
+
+                model = FluxControlNetModel(**FULL["controlnet"])
+            elif name == "qwen_transformer":
+                from diffusers import QwenImageTransformer2DModel
+
+                model = QwenImageTransformer2DModel(**FULL["qwen_transformer"])
+            elif name == "qwen_text_encoder":
+                model = full_qwen_text_encoder(tiny_config)
+            elif name == "qwen_vae":
+                from diffusers import AutoencoderKLQwenImage
+
+                model = AutoencoderKLQwenImage()
             else:
                 from diffusers import AutoencoderKL
 
@@ -285,8 +336,8 @@ def _reset_peak() -> None:
 class Server:
     """An in-process Paletta server for one profile, and an SDK client on it."""
 
-    def __init__(self, data: Path, profile: str):
-        self.data, self.profile = data, profile
+    def __init__(self, data: Path, profile: str, **overrides: Any):
+        self.data, self.profile, self.overrides = data, profile, overrides
 
     async def __aenter__(self) -> Server:
         import paletta
@@ -294,7 +345,8 @@ class Server:
         from paletta_server.server import PalettaServer
 
         self.t0 = time.perf_counter()
-        self.server = PalettaServer(load_config(self.data, env={}, profile=self.profile, host="127.0.0.1", port=0))
+        self.server = PalettaServer(load_config(self.data, env={}, profile=self.profile, host="127.0.0.1", port=0,
+                                                **self.overrides))
         port = await self.server.start()
         self.started_s = time.perf_counter() - self.t0
         self.client = paletta.AsyncClient(f"127.0.0.1:{port}")
@@ -567,11 +619,176 @@ async def _measure_alone(res: Results, prefix: str, server: Server, kind: str, a
     await measure(res, prefix, server, kind, args, warm=warm)
 
 
+# -- the memory cap: every capability on an emulated 16 GB card ---------------------------------------
+MEMORY_KEYS = ("flux-dev", "flux-controlnet-union", "qwen-image-edit")
+
+
+def build_memory_folders(res: Results, work: Path, size: str, folders: dict[str, Path]) -> dict[str, Path]:
+    """Tiny folders for the ControlNet's FLUX.1-dev base, the ControlNet and Qwen-Image-Edit; at full size
+    the dev base links the full FLUX components (one transformer with guidance serves it)."""
+    from paletta_server.engines.common import import_object
+    from paletta_server.models.registry import SPECS
+
+    specs = {spec.key: spec for spec in SPECS}
+    start = time.perf_counter()
+    extra = {}
+    for key in MEMORY_KEYS:
+        folder = work / "models" / "tiny" / key
+        if not (folder / ".complete").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            import_object(specs[key].tiny_builder)(folder)
+            (folder / ".complete").touch()
+        extra[key] = folder
+    if size == "full":
+        full = work / "full"
+        for name in ("transformer", "text_encoder_2", "text_encoder", "vae"):
+            swap_in(extra["flux-dev"], name, full / name)
+    res.put("build.memory_tiny_folders_s", time.perf_counter() - start)
+    return extra
+
+
+def build_full_controlnet(res: Results, work: Path, folder: Path) -> None:
+    dest = work / "full" / "controlnet"
+    if not dest.exists():
+        res.put("build.controlnet", build_full_component("controlnet", dest))
+        res.say(f"built full-size ControlNet Union-Pro: {res.data['build']['controlnet']['params'] / 1e9:.2f} B")
+    shutil.rmtree(folder)
+    folder.symlink_to(dest, target_is_directory=True)
+
+
+def build_full_qwen(res: Results, work: Path, folder: Path) -> None:
+    """Free the FLUX weights from the tmpfs first (Qwen's 57 GB would not fit beside them)."""
+    shutil.rmtree(work / "full", ignore_errors=True)
+    shutil.rmtree(work / "data-memory" / "models" / "nf4-cache", ignore_errors=True)  # FLUX's NF4 copies
+    full = work / "full-qwen"
+    for name, component in (("qwen_transformer", "transformer"), ("qwen_text_encoder", "text_encoder"),
+                            ("qwen_vae", "vae")):
+        res.put(f"build.{name}", build_full_component(name, full / component,
+                                                      tiny_config=folder / "text_encoder"))
+        res.say(f"built full-size {name}: {res.data['build'][name]['params'] / 1e9:.2f} B parameters")
+        swap_in(folder, component, full / component)
+
+
+async def memory_job(res: Results, server: Server, kind: str, args: argparse.Namespace) -> None:
+    """One job at ``--res`` under the cap: pass/fail with the reason, peak memory, s/step, offload, evictions."""
+    client, size, steps = server.client, args.res, args.memory_steps
+    picture = Image.fromarray(photo_like(size), "RGB")
+    if kind != "generate":
+        asset = (await client.upload(picture)).name
+    if kind == "inpaint":
+        mask = Image.new("L", (size, size), 0)
+        mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+        mask_asset = (await client.upload(mask)).name
+    starts = {
+        "generate": lambda: client.generate(PROMPT, width=size, height=size, steps=steps, seed=1),
+        "edit": lambda: client.edit(asset, EDIT_PROMPT, steps=steps, seed=1),
+        "inpaint": lambda: client.inpaint(asset, mask_asset, FILL_PROMPT, steps=steps, seed=1),
+        "control": lambda: client.control(asset, PROMPT, "canny", preprocess="canny", steps=steps, seed=1),
+        "qwen_edit": lambda: client.qwen_edit(asset, EDIT_PROMPT, steps=steps, seed=1),
+    }
+    await asyncio.to_thread(_reset_peak)
+    wall0, t0 = time.time(), time.perf_counter()
+    events = []
+    figures: dict[str, Any] = {"steps": steps, "size": [size, size]}
+    try:
+        job = await starts[kind]()
+        async for event in job:
+            events.append((event, time.time()))
+    except Exception as exc:  # a refused call, a broken stream: recorded, the stage goes on
+        figures["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    figures["seconds"] = time.perf_counter() - t0
+    final = events[-1][0] if events else None
+    finished = final is not None and final.WhichOneof("kind") == "finished"
+    failed = not finished or final.finished.job.HasField("error")
+    figures["passed"] = not failed
+    if finished and final.finished.job.HasField("error"):
+        error = final.finished.job.error
+        figures["error"] = error.message[:500]
+        from google.rpc import error_details_pb2
+
+        for detail in error.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                figures["reason"], figures["metadata"] = info.reason, dict(info.metadata)
+    stages = [(e.progress.stage, e.progress.model) for e, _ in events if e.WhichOneof("kind") == "progress"]
+    figures["offloaded"] = any(stage == "offloading" for stage, _ in stages)
+    figures["evicted"] = sorted({model for stage, model in stages if stage == "evicting"})
+    line = timeline({"events": events, "wall0": wall0})
+    if line and steps > 1:
+        figures["s_per_step"] = line["first_to_last_step"] / 1000 / (steps - 1)
+    figures.update(_peak_memory())
+    status = await client.status()
+    figures["resident_bytes"] = {m.key: m.bytes for m in status.loaded_models}
+    res.put(f"memory.jobs.{kind}", figures)
+    peak = figures.get("peak_allocated_bytes", figures.get("peak_rss_bytes", 0))
+    res.say(f"memory {kind}: {'PASS' if figures['passed'] else 'FAIL'} in {figures['seconds']:.1f} s, peak "
+            f"{peak / 2**30:.2f} GiB, {figures.get('s_per_step', 0):.3f} s/step"
+            f"{', offloaded' if figures['offloaded'] else ''}"
+            f"{', evicted ' + ','.join(figures['evicted']) if figures['evicted'] else ''}"
+            + ("" if figures["passed"] else f"; {figures.get('reason', '')} {figures.get('error', '')[:200]}"))
+    summarize(res)
+
+
+async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, folders: dict[str, Path]) -> None:
+    from paletta_server.config import parse_size
+    from paletta_server.models.device import release_memory_cap
+
+    cap = parse_size(args.memory_budget)
+    est = ESTIMATES[args.size]
+    extra = build_memory_folders(res, work, args.size, folders)
+    for key, folder in extra.items():
+        os.environ["PALETTA_MODEL_" + key.upper().replace("-", "_").replace(".", "_")] = str(folder)
+    data = work / "data-memory"
+    data.mkdir(parents=True, exist_ok=True)
+    os.environ["PALETTA_NF4_CACHE_DIR"] = str(data / "models" / "nf4-cache")
+    res.put("memory.setup", {"memory_budget": args.memory_budget, "cap_bytes": cap, "profile": args.memory_profile,
+                             "res": args.res, "steps": args.memory_steps})
+    try:
+        async with Server(data, args.memory_profile, memory_budget=cap) as server:
+            status = await server.client.status()
+            res.put("memory.status", {"memory_cap_bytes": status.memory_cap_bytes,
+                                      "memory_budget_bytes": status.memory_budget_bytes,
+                                      "inference_edge": status.inference_edge, "max_edge": status.max_edge,
+                                      "keep_two_families": status.keep_two_families})
+            res.say(f"memory: cap {cap / 2**30:.2f} GiB, budget {status.memory_budget_bytes / 2**30:.2f} GiB, "
+                    f"inference edge {status.inference_edge}, two families {status.keep_two_families}")
+            for kind in MEMORY_KINDS:
+                if kind in args.skip:
+                    continue
+                need = est["memory_job"]
+                if args.size == "full":
+                    need += {"inpaint": est["build_fill"], "control": est["build_control"],
+                             "qwen_edit": est["build_qwen"] + est["qwen_job"] - est["memory_job"]}.get(kind, 0)
+                if not fits(res, args, f"memory.{kind}", need):
+                    continue
+                if args.size == "full" and kind == "inpaint" and "transformer_fill" not in res.data["build"] \
+                        and not (room_for_fill(res, work, args.size) and await stage(
+                            res, "memory.build_fill", lambda: asyncio.to_thread(build_fill_transformer, res, work,
+                                                                                 folders))):
+                    continue
+                if args.size == "full" and kind == "control" and not await stage(
+                        res, "memory.build_control", lambda: asyncio.to_thread(
+                            build_full_controlnet, res, work, extra["flux-controlnet-union"])):
+                    continue
+                if args.size == "full" and kind == "qwen_edit":
+                    await server.client.unload_models()
+                    if not await stage(res, "memory.build_qwen", lambda: asyncio.to_thread(
+                            build_full_qwen, res, work, extra["qwen-image-edit"])):
+                        continue
+                await stage(res, f"memory.{kind}", lambda k=kind: memory_job(res, server, k, args))
+    finally:
+        release_memory_cap()
+
+
+
 # -- orchestration ---------------------------------------------------------------------------------
 # Seconds each stage is expected to take (full size on an H100; tiny on a 2-core CPU), for the budget.
 ESTIMATES = {
-    "full": {"generate": 20, "edit": 60, "fill": 60, "profile": 40, "restart": 25, "build_fill": 35},
-    "tiny": {"generate": 5, "edit": 5, "fill": 5, "profile": 5, "restart": 5, "build_fill": 0},
+    "full": {"generate": 20, "edit": 60, "fill": 60, "profile": 40, "restart": 25, "build_fill": 35,
+             "memory_job": 25, "build_control": 15, "build_qwen": 100, "qwen_job": 90},
+    "tiny": {"generate": 5, "edit": 5, "fill": 5, "profile": 5, "restart": 5, "build_fill": 0,
+             "memory_job": 5, "build_control": 0, "build_qwen": 0, "qwen_job": 5},
 }
 LOAD_LOG: list[str] = []
 
@@ -618,6 +835,27 @@ def meta(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return info
 
 
+async def run_profile_stages(res: Results, args: argparse.Namespace, work: Path, folders: dict[str, Path],
+                             data: dict[str, Path], est: dict[str, float]) -> None:
+    for profile in ("fast", "quality"):
+        if fits(res, args, profile, est["profile"]):
+            await stage(res, profile, lambda p=profile: run_profile_stage(res, p, data[p], ["generate", "edit"],
+                                                                          args, p))
+    if fits(res, args, "fast_restart", est["restart"]):
+        kinds = []
+        if "fill" not in args.skip and res.elapsed() + est["restart"] + est["build_fill"] + est["fill"] \
+                <= args.budget_s and room_for_fill(res, work, args.size):
+            built = args.size != "full" or await stage(
+                res, "build_fill", lambda: asyncio.to_thread(build_fill_transformer, res, work, folders))
+            kinds = ["fill"] if built else []
+        await stage(res, "fast_restart", lambda: run_profile_stage(res, "fast", data["fast"], kinds, args,
+                                                                   "fast_restart"))
+    fill_ready = "fill" not in args.skip and (args.size != "full" or "transformer_fill" in res.data["build"])
+    if fill_ready and fits(res, args, "quality_fill", est["fill"] + 10):
+        await stage(res, "quality_fill", lambda: run_profile_stage(res, "quality", data["quality"], ["fill"], args,
+                                                                   "quality_fill", first_image=False))
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     res = Results(Path(args.out), time.monotonic())
     handler = _LoadLogHandler(logging.INFO)
@@ -648,23 +886,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         est = ESTIMATES[args.size]
 
         # 1. fast: first image, Generate ratio, Kontext. 2. quality: the same. 3. fast again: NF4 cache warm.
-        for profile in ("fast", "quality"):
-            if fits(res, args, profile, est["profile"]):
-                await stage(res, profile, lambda p=profile: run_profile_stage(res, p, data[p], ["generate", "edit"],
-                                                                              args, p))
-        if fits(res, args, "fast_restart", est["restart"]):
-            kinds = []
-            if "fill" not in args.skip and res.elapsed() + est["restart"] + est["build_fill"] + est["fill"] \
-                    <= args.budget_s and room_for_fill(res, work, args.size):
-                built = args.size != "full" or await stage(
-                    res, "build_fill", lambda: asyncio.to_thread(build_fill_transformer, res, work, folders))
-                kinds = ["fill"] if built else []
-            await stage(res, "fast_restart", lambda: run_profile_stage(res, "fast", data["fast"], kinds, args,
-                                                                       "fast_restart"))
-        fill_ready = "fill" not in args.skip and (args.size != "full" or "transformer_fill" in res.data["build"])
-        if fill_ready and fits(res, args, "quality_fill", est["fill"] + 10):
-            await stage(res, "quality_fill", lambda: run_profile_stage(res, "quality", data["quality"], ["fill"], args,
-                                                                       "quality_fill", first_image=False))
+        # 4. the memory cap stage. --only memory runs the fourth alone.
+        if args.only != "memory":
+            await run_profile_stages(res, args, work, folders, data, est)
+        if "memory" not in args.skip:
+            await stage(res, "memory", lambda: run_memory_stage(res, args, work, folders))
         summarize(res)
         return res.data
     finally:
@@ -698,6 +924,18 @@ def summarize(res: Results) -> None:
             f"{f[k].get('peak_allocated_bytes', f[k].get('peak_rss_bytes', 0)) / 1e9:.1f}")
         row(f"{kind}: PNG Pillow / encode_png ms", lambda f, k=kind: f"{f[k]['png']['pillow_level1_ms']:.1f} / "
             f"{f[k]['png']['encode_png_ms']:.1f}")
+    jobs = res.data.get("memory", {}).get("jobs", {})
+    if jobs:
+        setup = res.data["memory"].get("setup", {})
+        lines += ["", f"memory cap {setup.get('memory_budget', '')} ({setup.get('profile', '')}, "
+                  f"{setup.get('res', '')}², {setup.get('steps', '')} steps)", "",
+                  "| capability | pass | peak GiB | s/step | offloaded | evicted | error |",
+                  "|---|---|---|---|---|---|---|"]
+        for kind, f in jobs.items():
+            peak = f.get("peak_allocated_bytes", f.get("peak_rss_bytes", 0)) / 2**30
+            lines.append(f"| {kind} | {'PASS' if f.get('passed') else 'FAIL'} | {peak:.2f} | "
+                         f"{f.get('s_per_step', 0):.3f} | {'yes' if f.get('offloaded') else ''} | "
+                         f"{', '.join(f.get('evicted', []))} | {f.get('reason', '')} {f.get('error', '')[:120]} |")
     text = "\n".join(lines)
     (res.out / "summary.md").write_text(text + "\n")
     print(text, flush=True)
@@ -712,7 +950,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--edit-steps", type=int, help="Kontext / Fill steps (default 8 full, --steps tiny)")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget-s", type=float, help="skip stages that would end later (default 360 full)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("fill",))
+    parser.add_argument("--skip", nargs="*", default=[], choices=("fill", "memory") + MEMORY_KINDS)
+    parser.add_argument("--only", choices=("memory",), help="run only this stage (and the builds it needs)")
+    parser.add_argument("--memory-budget", default="16GiB", help="the memory stage's cap (default 16GiB)")
+    parser.add_argument("--memory-profile", default="fast", choices=("fast", "hyper"))
+    parser.add_argument("--memory-steps", type=int, help="steps of a memory-stage job (default 4 full, --steps tiny)")
     parser.add_argument("--work", help="folder for weights and data dirs (default: a tmpfs when it has room)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
@@ -720,6 +962,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.res = args.res or (1024 if full else 256)
     args.edit_steps = args.edit_steps or (8 if full else args.steps)
     args.budget_s = args.budget_s or (360.0 if full else 600.0)
+    args.memory_steps = args.memory_steps or (4 if full else args.steps)
     return args
 
 

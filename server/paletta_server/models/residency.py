@@ -6,7 +6,8 @@ table, and models the running job uses are pinned against eviction and unloading
 
 Every load follows ``models.memory.plan`` twice: before loading with the best footprint known (the
 measured one after a first load, else the estimate table for the device's quantization; tiny builds
-have none) and again with the measured footprint after loading. A plan evicts (other families
+have none) and again with the measured footprint after loading (on a CPU device the first plan only evicts: offload and refusal
+wait for the measurement, as a local folder may hold other sizes than the table's). A plan evicts (other families
 first, then least recently used), offloads (diffusers model CPU offload, only when the budget needs
 it; the job sees a progress event with stage "offloading"), or refuses: RESOURCE_EXHAUSTED with
 reason MEMORY_BUDGET and metadata model / needed_bytes / budget_bytes. Refusals happen on CUDA and
@@ -115,6 +116,10 @@ class ResidencyManager:
                 return found.obj
             before = self.footprint(key)
             plan = self.plan(key, before)
+            if getattr(self.device, "name", "cpu") != "cuda" and key not in self._measured:
+                # In host memory an estimate only makes room: offload and refusal wait for the measurement
+                # (local folders may hold other sizes than the released weights the table describes).
+                plan = memory.Plan(() if plan.refuse else plan.evict)
             if plan.refuse:
                 if self.strict and before.weights:
                     raise self._refusal(key, plan)
