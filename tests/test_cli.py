@@ -204,6 +204,18 @@ def test_control_sends_type_preprocess_scale_and_size(live, sdk, photo, tmp_path
     assert Image.open(tmp_path / "c.png").size == (64, 32)
 
 
+def test_identity_sends_every_field(live, sdk, photo, tmp_path):
+    result = run(live, "--json", "identity", str(photo), "a knight", "-o", str(tmp_path / "id.png"),
+                 "--id-strength", "0.8", "--start-step", "1", "--face-index", "0", "--true-cfg", "2",
+                 "--negative-prompt", "blurry", "--width", "32", "--height", "32", "--steps", "2", "--seed", "5")
+    last = events(result)[-1]  # the tiny face detector may or may not find a face: either way the request arrived
+    assert result.exit_code in (0, 1) and last["event"] in ("finished", "error"), result.stderr
+    i = sdk.get_job(last["job"]).spec.identity
+    assert (i.prompt, round(i.id_strength, 2), i.start_step, i.HasField("face_index"), i.true_cfg) == (
+        "a knight", 0.8, 1, True, 2.0)
+    assert (i.negative_prompt, i.width, i.height, i.steps, i.seed) == ("blurry", 32, 32, 2, 5)
+
+
 def test_upscale_labels_tiles_on_plain_stderr(live, sdk, photo, tmp_path):
     result = run(live, "upscale", str(photo), "-o", str(tmp_path / "big.png"), "--scale", "2", "--tile", "32",
                  "--overlap", "4", "--upscaler", "realesrgan")
@@ -438,7 +450,8 @@ def test_every_command_has_help_with_an_example():
     commands += [["jobs", name] for name in ("list", "get", "watch", "cancel", "approve")]
     assert {c[0] for c in commands} >= {
         "generate", "edit", "inpaint", "outpaint", "qwen-edit", "control", "upscale", "remove-bg", "segment",
-        "detect", "ground", "caption", "analyze", "expand", "pipeline", "status", "models", "styles", "serve"}
+        "detect", "ground", "caption", "analyze", "expand", "pipeline", "identity", "status", "models", "styles",
+        "serve"}
     for command in commands:
         result = runner.invoke(cli.app, [*command, "--help"])
         assert result.exit_code == 0 and re.search(r"Example:\n    .*paletta ", result.stdout), command
@@ -474,13 +487,13 @@ def test_serve_takes_token_before_or_after_the_command(argv, tmp_path, monkeypat
     monkeypatch.setattr(paletta_server.main, "serve", configs.append)
     monkeypatch.delenv("PALETTA_TOKEN", raising=False)
     flags = ["--host", "0.0.0.0", "--port", "6000", "--profile", "tiny", "--data-dir", str(tmp_path),
-             "--tls-cert", "c.pem", "--tls-key", "k.pem"]
+             "--tls-cert", "c.pem", "--tls-key", "k.pem", "--memory-budget", "1GiB"]
     result = CliRunner().invoke(cli.app, [*argv, *flags])
     assert result.exit_code == 0, result.output
     (config,) = configs
     assert (config.host, config.port, config.profile, config.token, config.data_dir) == (
         "0.0.0.0", 6000, "tiny", "t0k", tmp_path)
-    assert (config.tls_cert, config.tls_key) == (Path("c.pem"), Path("k.pem"))
+    assert (config.tls_cert, config.tls_key, config.memory_budget) == (Path("c.pem"), Path("k.pem"), 1024**3)
 
 
 def _free_port() -> int:
@@ -502,7 +515,8 @@ def test_token_before_serve_starts_an_authenticated_server(tmp_path):
     try:
         assert process.stdout is not None
         lines: list[str] = []
-        while not any("serving on" in x for x in lines) and len(lines) < 50:  # printed once it listens
+        # "paletta: serving on …" is printed once it listens and handles SIGINT (log lines come before).
+        while not any(x.startswith("paletta: serving on") for x in lines) and len(lines) < 50:
             lines.append(process.stdout.readline())
         assert f"paletta: serving on 127.0.0.1:{port}" in lines[-1], lines
         address = f"127.0.0.1:{port}"

@@ -208,6 +208,34 @@ def control(image: str, prompt: str, output: Path, no_progress: bool, control_ty
     )
 
 
+@capability("identity", "paletta identity me.jpg 'portrait of a knight, oil painting' -o knight.png --seed 3")
+@click.argument("face", type=IMAGE)
+@click.argument("prompt")
+@click.option("--id-strength", type=click.FloatRange(0, 2), show_default="1.0",
+              help="How strongly the face is kept; 0 = plain FLUX.1-dev.")
+@click.option("--start-step", type=click.IntRange(0), show_default="0",
+              help="First (0-based) step that gets the identity, up to steps - 1.")
+@click.option("--face-index", type=click.IntRange(0), show_default="0 (the largest face)",
+              help="Which face of the photo, largest first.")
+@click.option("--true-cfg", type=click.FloatRange(1, 10), show_default="1 (off)",
+              help="True CFG scale; > 1 also runs --negative-prompt (twice the compute).")
+@click.option("--negative-prompt", metavar="TEXT", show_default="PuLID's", help="What to avoid, with --true-cfg > 1.")
+@click.option("--width", type=click.IntRange(16, 2048), show_default="1024 capped to the profile's max edge",
+              help="Width in pixels, a multiple of 16.")
+@click.option("--height", type=click.IntRange(16, 2048), show_default="1024 capped to the profile's max edge",
+              help="Height in pixels, a multiple of 16.")
+@diffusion_options("4.0; distilled guidance in [0, 20]", steps_default="20 (8 under hyper)")
+@style_options
+@job_options
+def identity(face: str, prompt: str, output: Path, no_progress: bool, **kw: Any) -> int:
+    """Text to image keeping the face of a photo (PuLID-FLUX on FLUX.1-dev)."""
+    job = sdk_job_kwargs(kw)
+    return follow_job(
+        lambda client: client.identity(face, prompt, **kw, **job),
+        output=output, no_progress=no_progress, context=_context(kw["variants"]),
+    )
+
+
 # -- images in, images out ------------------------------------------------------------------------
 
 

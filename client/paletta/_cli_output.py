@@ -88,6 +88,10 @@ def result_dict(result: results.Result) -> dict[str, Any]:
         return {"type": "caption", "text": result.text, "objects": result.objects}
     if isinstance(result, results.PromptExpansion):
         return {"type": "expansion", "original": result.original, "expanded": result.expanded}
+    if isinstance(result, results.FaceIdentity):
+        b = result.box
+        return {"type": "face_identity", "box": [b.x_min, b.y_min, b.x_max, b.y_max], "score": round(result.score, 4),
+                "face_index": result.face_index, "faces_found": result.faces_found, "face_crop": result.face_crop}
     return {"type": "segmentation", "mask": result.mask, "coverage": result.coverage}
 
 

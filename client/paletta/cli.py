@@ -318,11 +318,13 @@ def styles() -> None:
               show_default="$PALETTA_DATA_DIR or the user data folder", help="Jobs, assets and models.")
 @click.option("--profile", type=click.Choice(["fast", "hyper", "quality", "tiny"]),
               show_default="fast (env PALETTA_PROFILE)", help="Model profile.")
+@click.option("--memory-budget", metavar="SIZE", show_default="all free memory (env PALETTA_MEMORY_BUDGET)",
+              help="Cap on model memory, e.g. 16GiB or bytes: plan and fail as a card of that size would.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="PEM certificate chain for TLS.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="PEM private key for TLS.")
 @global_options
 def serve(host: str | None, port: int | None, data_dir: Path | None, profile: str | None,
-          tls_cert: Path | None, tls_key: Path | None) -> None:
+          memory_budget: str | None, tls_cert: Path | None, tls_key: Path | None) -> None:
     """Run the Paletta gRPC server until Ctrl-C; --token (before or after `serve`) requires it on every call."""
     # Imported here so that client commands never load the server (nor, through it, anything heavy).
     try:
@@ -335,7 +337,7 @@ def serve(host: str | None, port: int | None, data_dir: Path | None, profile: st
     try:
         config = load_config(
             data_dir, host=host, port=port, profile=profile, token=settings().token,
-            tls_cert=tls_cert, tls_key=tls_key,
+            tls_cert=tls_cert, tls_key=tls_key, **({"memory_budget": memory_budget} if memory_budget else {}),
         )
     except ValueError as err:
         raise click.UsageError(str(err)) from None
