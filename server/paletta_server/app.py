@@ -53,5 +53,5 @@ class PalettaApp:
         self.manager.recover()
         self.worker.start()
 
-    def stop(self) -> None:
-        self.worker.stop()
+    def stop(self, worker_wait: float = 5.0) -> None:
+        self.worker.stop(worker_wait)
