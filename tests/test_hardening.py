@@ -4,6 +4,7 @@ and shutdown lines."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -356,3 +357,39 @@ def test_serving_writes_nothing_in_home_or_tmpdir(served, tmp_path, tiny_image_b
     assert left == [], f"written outside the data dir: {left}"
     # Nor do libraries print progress bars into the server's log.
     assert "it/s]" not in proc.output() and "Loading" not in proc.output(), proc.output()
+
+
+# -- 7. crash leftovers ----------------------------------------------------------------------------
+
+def test_start_up_removes_sidecars_without_their_asset(tmp_path):
+    from paletta_server.storage import AssetStore
+
+    store = AssetStore(tmp_path, max_bytes=1 << 20, max_pixels=1 << 20)
+    kept = store.put_image_bytes(png_bytes((8, 8)))
+    kept_path = store.path(kept.name)
+    # A kill -9 between the sidecar and the asset leaves the sidecar, and maybe the asset's temp file.
+    digest = "ab" + "0" * 62
+    (tmp_path / "ab").mkdir(exist_ok=True)
+    orphan = tmp_path / "ab" / f"{digest}.json"
+    orphan.write_text(json.dumps({"name": f"assets/{digest}", "mime": "image/png", "width": 1, "height": 1,
+                                  "size_bytes": 1}))
+    partial = tmp_path / "ab" / ".tmp-x1y2"
+    partial.write_bytes(b"\x89PNG")
+
+    reopened = AssetStore(tmp_path, max_bytes=1 << 20, max_pixels=1 << 20)
+    assert not orphan.exists() and not partial.exists()
+    assert reopened.get(kept.name) == kept and kept_path.with_suffix(".json").exists()
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert left == sorted([kept_path.relative_to(tmp_path).as_posix(),
+                           kept_path.with_suffix(".json").relative_to(tmp_path).as_posix()])
+
+
+def test_an_asset_that_lost_its_sidecar_is_whole_again_when_stored_again(tmp_path):
+    from paletta_server.storage import AssetStore
+
+    store = AssetStore(tmp_path, max_bytes=1 << 20, max_pixels=1 << 20)
+    data = png_bytes((8, 8))
+    info = store.put_image_bytes(data)
+    store.path(info.name).with_suffix(".json").unlink()
+    assert store.put_image_bytes(data) == info
+    assert store.get(info.name) == info

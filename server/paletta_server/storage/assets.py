@@ -80,6 +80,11 @@ class AssetStore:
         # Partial files of uploads or writes cut short by a crash; finished assets are never temporary.
         for orphan in [*self.root.glob(".upload-*"), *self.root.glob("*/.tmp-*")]:
             orphan.unlink(missing_ok=True)
+        # The sidecar is written before its asset, so a crash between the two leaves a sidecar
+        # describing nothing.
+        for sidecar in self.root.glob("*/*.json"):
+            if not sidecar.with_suffix("").exists():
+                sidecar.unlink(missing_ok=True)
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
 
@@ -117,7 +122,8 @@ class AssetStore:
         digest = hashlib.sha256(data).hexdigest()
         info = AssetInfo(f"assets/{digest}", mime, width, height, len(data))
         path = self._path(digest)
-        if not path.exists():
+        # Both checked: an asset whose sidecar was lost is made whole by storing it again.
+        if not path.exists() or not path.with_suffix(".json").exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(path.with_suffix(".json"), json.dumps(asdict(info)).encode())
             _atomic_write(path, data)
@@ -178,7 +184,7 @@ class AssetUpload:
             digest = self._hash.hexdigest()
             info = AssetInfo(f"assets/{digest}", mime, width, height, self.size)
             path = self.store._path(digest)
-            if not path.exists():
+            if not path.exists() or not path.with_suffix(".json").exists():
                 os.fsync(self._file.fileno())
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _atomic_write(path.with_suffix(".json"), json.dumps(asdict(info)).encode())
