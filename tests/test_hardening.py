@@ -4,6 +4,7 @@ and shutdown lines."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from PIL import Image
 
 from paletta.v1 import background_service_pb2 as bg
 from paletta.v1 import background_service_pb2_grpc as bg_grpc
@@ -393,3 +395,57 @@ def test_an_asset_that_lost_its_sidecar_is_whole_again_when_stored_again(tmp_pat
     store.path(info.name).with_suffix(".json").unlink()
     assert store.put_image_bytes(data) == info
     assert store.get(info.name) == info
+
+
+# -- 8. the server's own pixel limit ---------------------------------------------------------------
+
+def png_of_zeros(width: int, height: int, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (width, height)).save(buf, format="PNG", compress_level=9)
+    return buf.getvalue()
+
+
+def test_default_pixel_limit_is_40_megapixels_and_configurable(tmp_path):
+    from paletta_server.config import load_config
+
+    assert load_config(tmp_path, env={}).max_image_pixels == 40_000_000
+    assert load_config(tmp_path, env={"PALETTA_MAX_IMAGE_PIXELS": "1000"}).max_image_pixels == 1000
+    (tmp_path / "paletta.toml").write_text("max_image_pixels = 2000\n")
+    assert load_config(tmp_path, env={}).max_image_pixels == 2000
+
+
+async def test_64_megapixel_png_is_refused_from_its_header_quoting_the_servers_limit(server):
+    data = png_of_zeros(8192, 8192)
+    assert len(data) < 256 * 1024  # a few hundred KiB on the wire, 192 MiB once decoded
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(server.channel, data)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    description = field_violations(err.value)["data"]
+    assert "8192x8192" in description and "40000000" in description, description
+    assert error_reason(err.value) == "INVALID_ARGUMENT"
+    # A header past Pillow's own bomb limit (178956970 pixels) gets the same answer, not Pillow's.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(server.channel, png_of_zeros(20000, 20000, "1"))
+    description = field_violations(err.value)["data"]
+    assert "40000000" in description and "178956970" not in description, description
+    # Inline images too, named by their field.
+    edit = edit_grpc.EditServiceStub(server.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(edit.Edit(edit_pb.EditRequest(image=image_pb2.ImageRef(inline=data), prompt="x")))
+    assert "40000000" in field_violations(err.value)["image.inline"]
+
+
+async def test_configured_pixel_limit_is_enforced_to_the_pixel_and_reported(server_factory):
+    handle = await server_factory(max_image_pixels=100 * 100)
+    assert (await upload(handle.channel, png_of_zeros(100, 100))).width == 100
+    for size in ((101, 100), (100, 101)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await upload(handle.channel, png_of_zeros(*size))
+        assert "limit of 10000 pixels" in field_violations(err.value)["data"]
+    jpeg = io.BytesIO()
+    Image.new("RGB", (120, 90)).save(jpeg, format="JPEG")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(handle.channel, jpeg.getvalue())
+    assert "120x90 (10800 pixels)" in field_violations(err.value)["data"]
+    status = await sys_grpc.SystemServiceStub(handle.channel).GetStatus(sys_pb.GetStatusRequest())
+    assert status.max_image_pixels == 10000

@@ -40,6 +40,7 @@ class SystemServicer(system_service_pb2_grpc.SystemServiceServicer):
             running_job=f"jobs/{app.manager.running}" if app.manager.running else "",
             max_edge=app.profile.max_inference_edge,
             loading_model=app.residency.loading, evicted_models=list(app.residency.evicted),
+            max_image_pixels=app.config.max_image_pixels,
         )
         gpu = gpu_stats() if device.name == "cuda" else None
         if gpu is not None:
