@@ -7,6 +7,7 @@ and loaders users run), and every server gets its own data dir pointing at that 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "rembg: imports rembg (its first import compiles pymatting with numba)")
     # numba keeps pymatting's compiled kernels here across sessions, outside any test's HOME or
     # TMPDIR; server subprocesses inherit it as a cache the user chose.
-    if config.cache is not None:
-        os.environ.setdefault("NUMBA_CACHE_DIR", str(config.cache.mkdir("numba")))
+    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+    folder = cache.mkdir("numba") if cache is not None else Path(tempfile.gettempdir()) / "paletta-tests-numba"
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(folder))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
