@@ -449,3 +449,31 @@ async def test_configured_pixel_limit_is_enforced_to_the_pixel_and_reported(serv
     assert "120x90 (10800 pixels)" in field_violations(err.value)["data"]
     status = await sys_grpc.SystemServiceStub(handle.channel).GetStatus(sys_pb.GetStatusRequest())
     assert status.max_image_pixels == 10000
+
+
+# -- 10. a quiet log -------------------------------------------------------------------------------
+
+def test_library_warnings_are_logged_once_per_text(caplog):
+    import logging
+    import warnings
+
+    from paletta_server.environment import quiet_warnings
+
+    def library_call(step: int) -> None:
+        warnings.warn("`foo` is deprecated", FutureWarning, stacklevel=1)
+        warnings.warn(f"step {step} is odd", FutureWarning, stacklevel=1) if step % 2 else None
+
+    with warnings.catch_warnings():
+        # As after any library's own catch_warnings(), which resets the per-call-site registry
+        # that the "default" action relies on: without quiet_warnings every call prints again.
+        warnings.simplefilter("always")
+        quiet_warnings()
+        try:
+            with caplog.at_level(logging.WARNING, logger="py.warnings"):
+                for step in range(6):  # six jobs calling the same library code
+                    library_call(step)
+        finally:
+            logging.captureWarnings(False)
+    texts = [r.getMessage() for r in caplog.records if r.name == "py.warnings"]
+    assert sum("`foo` is deprecated" in t for t in texts) == 1, texts
+    assert sum("is odd" in t for t in texts) == 3, texts  # different texts each get their line
