@@ -7,6 +7,7 @@ and loaders users run), and every server gets its own data dir pointing at that 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,26 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from paletta_server.config import load_config  # noqa: E402
 from paletta_server.server import PalettaServer  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "rembg: imports rembg (its first import compiles pymatting with numba)")
+    # numba keeps pymatting's compiled kernels here across sessions, outside any test's HOME or
+    # TMPDIR; server subprocesses inherit it as a cache the user chose.
+    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+    folder = cache.mkdir("numba") if cache is not None else Path(tempfile.gettempdir()) / "paletta-tests-numba"
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(folder))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Import rembg before the first test when a collected test needs it.
+
+    The first import compiles pymatting with numba: 35-70 s on a 2-core machine, and it once ran
+    past the 300 s per-test timeout in CI. pytest-timeout counts fixtures in that timeout, so the
+    cost is paid here, once per cache, outside any test; afterwards the import takes 1-2 s.
+    """
+    if any(item.get_closest_marker("rembg") for item in session.items):
+        import rembg  # noqa: F401
 
 
 @dataclass

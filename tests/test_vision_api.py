@@ -66,6 +66,7 @@ async def test_upscale_lanczos_any_scale(server, tiny_image_bytes):
     assert (out.asset.width, out.asset.height) == (144, 96)
 
 
+@pytest.mark.rembg
 async def test_remove_background_rgba_and_mask(server, tiny_image_bytes):
     stub = bg_grpc.BackgroundServiceStub(server.channel)
     events = await collect(stub.RemoveBackground(bg.RemoveBackgroundRequest(

@@ -152,6 +152,7 @@ def test_tiny_birefnet_has_the_real_interface(residency):
     assert dims(model.graph.output[0]) == [1, 1, 1024, 1024]
 
 
+@pytest.mark.rembg
 def test_remove_background_gives_rgba_with_subject_alpha(models):
     from paletta_server.engines import background
 

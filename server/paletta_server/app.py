@@ -53,7 +53,8 @@ class PalettaApp:
         self.manager.start(loop)
         self.worker.start()
 
-    def stop(self) -> None:
-        """Stop the worker, then store what it already reported (outputs included)."""
-        self.worker.stop()
+    def stop(self, worker_wait: float = 5.0) -> None:
+        """Stop the worker (a running job stops at its next step), then store what it already
+        reported (outputs included)."""
+        self.worker.stop(worker_wait)
         self.manager.stop()

@@ -32,7 +32,11 @@ class Config:
     cuda_reserve_bytes: int = 2 * GiB
     max_queue: int = 64
     max_upload_bytes: int = 64 * 1024 * 1024
-    max_image_pixels: int = 64 * 1024 * 1024
+    # Largest image accepted (uploads and inline images), checked from the header before any
+    # pixel is decoded: 40 MP is more than twice a 4096x4096 upscale input (16.8 MP) and any
+    # camera photo, while an RGBA image this size decodes to 160 MB. Pillow's own bomb limit
+    # (178,956,970 pixels) is never the one that answers.
+    max_image_pixels: int = 40_000_000
     # Jobs beyond the queue head the scheduler may pick to reuse a resident model.
     affinity_lookahead: int = 4
     # How many times a job may be passed over before it must run.
@@ -91,6 +95,7 @@ _ENV = {
     "PALETTA_MAX_QUEUE": ("max_queue", int),
     "PALETTA_MAX_UPLOAD_BYTES": ("max_upload_bytes", int),
     "PALETTA_MEMORY_BUDGET": ("memory_budget", parse_size),
+    "PALETTA_MAX_IMAGE_PIXELS": ("max_image_pixels", int),
 }
 
 

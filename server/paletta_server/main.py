@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
+import time
 
 from paletta_server.config import Config
-from paletta_server.server import PalettaServer
+from paletta_server.environment import prepare_process, quiet_warnings
+from paletta_server.server import BindError, PalettaServer
+
+log = logging.getLogger("paletta_server")
+EXIT_CANNOT_LISTEN = 2
+# Job streams run as long as their jobs, so a shutdown does not wait for them to end: it bounds
+# the wait. Jobs are persisted; clients re-attach with WatchJob after a restart.
+SHUTDOWN_WAIT = 2.0
 
 
 async def _serve(config: Config) -> None:
@@ -15,23 +25,49 @@ async def _serve(config: Config) -> None:
     port = await server.start()
     print(f"paletta: serving on {config.host}:{port} (profile {config.profile}, data {config.data_dir})", flush=True)
     stop = asyncio.Event()
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():  # a second Ctrl-C: the user does not want to wait for the grace period
+            log.warning("%s again: exiting now", sig.name)
+            os._exit(128 + sig.value)
+        received.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await stop.wait()
     finally:
-        await server.stop()
+        start = time.monotonic()
+        log.info("%s: shutting down (no new calls; running calls and the running job get %g s)",
+                 received[0].name if received else "stop", SHUTDOWN_WAIT)
+        await server.stop(grace=SHUTDOWN_WAIT, worker_wait=SHUTDOWN_WAIT)
+        log.info("stopped in %.1f s", time.monotonic() - start)
 
 
 def serve(config: Config) -> None:
+    # Before anything imports a model library: they read these settings at import.
+    prepare_process(config.data_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_serve(config))
+    quiet_warnings()
+    try:
+        asyncio.run(_serve(config))
+    except BindError as exc:
+        print(f"paletta: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CANNOT_LISTEN) from None
+    # Everything is persisted and the worker has stopped. Tearing down the interpreter after
+    # torch, numba and onnxruntime were loaded takes seconds of native finalizers that protect
+    # nothing, so skip it (a job still running on the worker is recorded INTERRUPTED at the next
+    # start either way).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
-    import sys
-
     from paletta_server.config import load_config
 
     serve(load_config(sys.argv[1] if len(sys.argv) > 1 else None, profile="tiny"))

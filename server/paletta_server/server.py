@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
+import socket
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +32,30 @@ log = logging.getLogger(__name__)
 MESSAGE_LIMIT = 80 * 1024 * 1024  # inline images up to the upload limit plus framing
 
 
+class BindError(Exception):
+    """The server could not listen on its address (most often: another process has the port)."""
+
+
+def _bind_failure(host: str, port: int) -> str:
+    bare = host.strip("[]")
+    try:
+        family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((bare, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return f"port {host}:{port} is already in use"
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return f"cannot listen on {host}:{port}"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 class PalettaServer:
     """One running server; ``port`` is the bound port (useful with port 0)."""
 
@@ -41,6 +68,9 @@ class PalettaServer:
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),
             ("grpc.max_send_message_length", MESSAGE_LIMIT),
+            # grpc binds with SO_REUSEPORT by default, so a second server on the same port would
+            # start and split the clients (and two workers would share one GPU); off, it fails.
+            ("grpc.so_reuseport", 0),
         ])
         self.health = HealthServicer()
         self.port = 0
@@ -58,20 +88,36 @@ class PalettaServer:
         reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                              reflection.SERVICE_NAME], server)
         address = f"{self.config.host}:{self.config.port}"
-        if self.config.tls_cert and self.config.tls_key:
-            creds = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())])
-            self.port = server.add_secure_port(address, creds)
-        else:
-            self.port = server.add_insecure_port(address)
+        tls = bool(self.config.tls_cert and self.config.tls_key)
+        try:
+            if tls:
+                creds = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(),
+                                                      self.config.tls_cert.read_bytes())])
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc says only "Failed to bind"; find out why
+            await server.stop(None)  # never started, but otherwise its finalizer complains at exit
+            raise BindError(_bind_failure(self.config.host, self.config.port)) from exc
         app.start(asyncio.get_running_loop())
         await server.start()
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("paletta serving on %s:%d (profile %s, device %s)", self.config.host, self.port,
-                 app.profile.name, app.device.name)
+        where = f"{self.config.host}:{self.port}"
+        # The first line says who may use the server: a token given in the wrong place must not
+        # quietly leave it open.
+        if self.config.token:
+            access, level = "bearer token required", logging.INFO
+        else:
+            access = f"no token: anyone who can reach {where} may use it"
+            level = logging.INFO if _is_loopback(self.config.host) else logging.WARNING
+        log.log(level, "paletta serving on %s (profile %s, device %s, %s); %s", where, app.profile.name,
+                app.device.name, "TLS" if tls else "plaintext", access)
         return self.port
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def stop(self, grace: float = 2.0, worker_wait: float = 5.0) -> None:
+        """Stop accepting calls at once; give running calls ``grace`` seconds and the running job
+        ``worker_wait`` seconds to end, both at the same time, so a job that ends in time still
+        reaches its watchers. A job still running after that is recorded INTERRUPTED at the next start."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
-        await asyncio.to_thread(self.app.stop)
+        await asyncio.gather(self.server.stop(grace), asyncio.to_thread(self.app.stop, worker_wait))

@@ -44,6 +44,7 @@ class SystemServicer(system_service_pb2_grpc.SystemServiceServicer):
             memory_cap_bytes=app.config.memory_budget, inference_edge=app.residency.policy.inference_edge,
             keep_two_families=app.residency.policy.keep_two_families,
             offloaded_models=app.residency.offloaded(),
+            max_image_pixels=app.config.max_image_pixels,
         )
         gpu = gpu_stats() if device.name == "cuda" else None
         if gpu is not None:

@@ -17,6 +17,7 @@ DEFAULT_TOKENS = 160
 def prepare(request: prompt_pb2.ExpandRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     common.check_prompt(v, request.prompt)
+    common.check_seed(v, request)
     request.max_tokens = check_tokens(v, request.max_tokens, DEFAULT_TOKENS)
     v.raise_if_any()
     if not request.HasField("seed"):

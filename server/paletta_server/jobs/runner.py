@@ -20,7 +20,7 @@ from PIL import Image
 from paletta.v1 import job_spec_pb2
 from paletta_server.capabilities.base import Capability, OutputHandle
 from paletta_server.config import Config
-from paletta_server.errors import EngineError, JobCancelled, PalettaError, ResourceExhausted, to_status
+from paletta_server.errors import EngineError, Interrupted, JobCancelled, PalettaError, ResourceExhausted, to_status
 from paletta_server.jobs import messages as msg
 from paletta_server.models.profiles import Profile
 from paletta_server.models.residency import ResidencyManager
@@ -69,6 +69,8 @@ class JobContext:
     def check_cancelled(self) -> None:
         if self._link.cancel_requested(self.job_id):
             raise JobCancelled("cancelled while running")
+        if self._worker.stopping:  # the server shuts down: end the job at this step, recorded as such
+            raise Interrupted("the server stopped (shut down) while this job was running")
 
     def open_image(self, asset_name: str) -> Image.Image:
         return self.assets.open_image(asset_name)
@@ -106,8 +108,8 @@ class DeviceWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop taking jobs; a running job is cancelled at its next step (it stays for a restart to
-        fail as INTERRUPTED if it does not stop within ``timeout``)."""
+        """Stop taking jobs; a running job ends FAILED / INTERRUPTED at its next step (if it does not
+        reach one within ``timeout``, the next start records it so)."""
         self._stop.set()
         self._thread.join(timeout)
 

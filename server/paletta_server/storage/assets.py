@@ -12,16 +12,25 @@ import json
 import os
 import re
 import tempfile
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from PIL import Image
+from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from paletta_server.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted, invalid
 from paletta_server.storage.png import encode_png
 
 _NAME = re.compile(r"^assets/([0-9a-f]{64})$")
 _FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# (signature test on the first 12 bytes, the format's own parser) for each format in _FORMATS.
+_PARSERS: tuple[tuple[Callable[[bytes], bool], Callable[[BinaryIO], ImageFile.ImageFile]], ...] = (
+    (lambda head: head.startswith(b"\x89PNG\r\n\x1a\n"), PngImagePlugin.PngImageFile),
+    (lambda head: head.startswith(b"\xff\xd8\xff"), JpegImagePlugin.JpegImageFile),
+    (lambda head: head[:4] == b"RIFF" and head[8:12] == b"WEBP", WebPImagePlugin.WebPImageFile),
+)
 # 8 bits per channel; 16-bit and float images (I;16, I, F) are refused rather than silently clipped.
 SUPPORTED_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK"}
 FULL_DECODE_BYTES = 8 * 1024 * 1024
@@ -44,6 +53,40 @@ def parse_asset_name(name: str, field_name: str = "name") -> str:
     return match.group(1)
 
 
+def _format_name(data: bytes) -> str:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                return f" {img.format}"
+    except Exception:  # only for the message: whatever it is, it is not one we take
+        return ""
+
+
+def open_header(fh: BinaryIO, field_name: str) -> ImageFile.ImageFile:
+    """Open a PNG, JPEG or WebP by its signature with that format's parser, reading the header only.
+
+    ``Image.open`` would first apply Pillow's process-wide decompression-bomb limit (178,956,970
+    pixels; an error past twice that), so its error, not the server's limit, would answer.
+    """
+    head = fh.read(12)
+    fh.seek(0)
+    for matches, parser in _PARSERS:
+        if matches(head):
+            return parser(fh)
+    raise invalid(field_name, f"unsupported image format{_format_name(head + fh.read())}; use PNG, JPEG or WebP")
+
+
+def check_pixels(width: int, height: int, max_pixels: int, field_name: str) -> None:
+    if width <= 0 or height <= 0:
+        raise invalid(field_name, f"image of {width}x{height} has no pixels")
+    if width * height > max_pixels:
+        # A plain field violation, like every other bad input: capabilities gather these into one
+        # BadRequest, and GetStatus.max_image_pixels tells clients the number beforehand.
+        raise invalid(field_name, f"image of {width}x{height} ({width * height} pixels) exceeds this server's "
+                                  f"limit of {max_pixels} pixels (max_image_pixels)")
+
+
 def probe_image(data: bytes, max_pixels: int, field_name: str = "data") -> tuple[str, int, int]:
     """Check that bytes are a whole PNG/JPEG/WebP within the pixel limit; return (mime, w, h).
 
@@ -53,22 +96,17 @@ def probe_image(data: bytes, max_pixels: int, field_name: str = "data") -> tuple
     still hold a broken pixel stream, ``open_image`` reports it as INVALID_ARGUMENT when used.
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_header(io.BytesIO(data), field_name) as img:
             fmt, (width, height), mode = img.format, img.size, img.mode
-            if fmt not in _FORMATS:
-                raise invalid(field_name, f"unsupported image format {fmt}; use PNG, JPEG or WebP")
             if mode not in SUPPORTED_MODES:
                 raise invalid(field_name, f"unsupported image mode {mode}; use 8-bit grayscale, palette, RGB or RGBA")
-            if width <= 0 or height <= 0 or width * height > max_pixels:
-                raise invalid(field_name, f"image of {width}x{height} exceeds the limit of {max_pixels} pixels")
+            check_pixels(width, height, max_pixels, field_name)
             if fmt == "PNG" and len(data) > FULL_DECODE_BYTES:
                 img.verify()
             else:
                 img.load()
     except InvalidArgument:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise invalid(field_name, f"image exceeds the pixel limit: {exc}") from exc
     except Exception as exc:  # Pillow raises many types for corrupt data
         raise invalid(field_name, f"not a decodable image: {exc}") from exc
     return _FORMATS[fmt], width, height
@@ -81,6 +119,11 @@ class AssetStore:
         # Partial files of uploads or writes cut short by a crash; finished assets are never temporary.
         for orphan in [*self.root.glob(".upload-*"), *self.root.glob("*/.tmp-*")]:
             orphan.unlink(missing_ok=True)
+        # The sidecar is written before its asset, so a crash between the two leaves a sidecar
+        # describing nothing.
+        for sidecar in self.root.glob("*/*.json"):
+            if not sidecar.with_suffix("").exists():
+                sidecar.unlink(missing_ok=True)
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
 
@@ -112,7 +155,8 @@ class AssetStore:
         digest = hashlib.sha256(data).hexdigest()
         info = AssetInfo(f"assets/{digest}", mime, width, height, len(data))
         path = self._path(digest)
-        if not path.exists():
+        # Both checked: an asset whose sidecar was lost is made whole by storing it again.
+        if not path.exists() or not path.with_suffix(".json").exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(path.with_suffix(".json"), json.dumps(asdict(info)).encode())
             _atomic_write(path, data)
@@ -133,7 +177,9 @@ class AssetStore:
     def open_image(self, name: str, field_name: str = "image") -> Image.Image:
         """The decoded image: RGB, RGBA or L (palette, CMYK and 1-bit images are converted)."""
         try:
-            with Image.open(self.path(name, field_name)) as img:
+            # Stored assets were checked when they came in (or are the server's own outputs), so
+            # Pillow's bomb limit has no say here either.
+            with self.path(name, field_name).open("rb") as fh, open_header(fh, field_name) as img:
                 img.load()
                 if img.mode in ("RGB", "RGBA", "L"):
                     return img.copy()  # detached from the file (cheap next to the decode)
@@ -173,7 +219,7 @@ class AssetUpload:
             digest = self._hash.hexdigest()
             info = AssetInfo(f"assets/{digest}", mime, width, height, self.size)
             path = self.store._path(digest)
-            if not path.exists():
+            if not path.exists() or not path.with_suffix(".json").exists():
                 os.fsync(self._file.fileno())
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _atomic_write(path.with_suffix(".json"), json.dumps(asdict(info)).encode())
