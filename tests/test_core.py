@@ -35,6 +35,7 @@ from paletta_server.jobs import paging
 from paletta_server.jobs.state import FINAL, IllegalTransition, JobState, check_transition
 from paletta_server.models.registry import SPECS
 from tests.helpers import collect, download, download_image, error_reason, field_violations, png_bytes
+from tests.pg import both_stores
 
 GEN = dict(prompt="a lighthouse", width=64, height=64, steps=2, seed=11)
 
@@ -72,6 +73,7 @@ async def test_list_models_names_the_capabilities_that_use_each_model(server):
 
 
 # -- a job remembers what was asked -------------------------------------------------------------
+@both_stores
 async def test_job_spec_is_the_prepared_request_without_options_and_reruns_the_job(server):
     stub = generate_service_pb2_grpc.GenerateServiceStub(server.channel)
     request = generate_pb2.GenerateRequest(
@@ -123,6 +125,7 @@ async def test_a_pipeline_is_not_a_pipeline_step(server):
 
 
 # -- one error path -----------------------------------------------------------------------------
+@both_stores
 async def test_a_cancelled_job_keeps_its_status_with_error_info(server):
     stub = generate_service_pb2_grpc.GenerateServiceStub(server.channel)
     stream = stub.Generate(generate_pb2.GenerateRequest(**{**GEN, "steps": 100, "width": 256, "seed": 2}))
@@ -137,6 +140,7 @@ async def test_a_cancelled_job_keeps_its_status_with_error_info(server):
 
 
 # -- page tokens ----------------------------------------------------------------------------------
+@both_stores
 @pytest.mark.parametrize("token", [
     "o:" + "9" * 30, base64.urlsafe_b64encode(b"o:" + b"9" * 30).decode(), "%%%",
     paging._encode("approved", "2026-01-01T00:00:00", "a" * 32, 2**40),
@@ -152,6 +156,7 @@ async def test_crafted_page_tokens_are_invalid_argument(server, token):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and list(field_violations(err.value)) == ["page_token"]
 
 
+@both_stores
 async def test_job_list_token_is_refused_by_the_other_list(server):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await jobs_stub(server).ListJobs(job_service_pb2.ListJobsRequest(
@@ -159,6 +164,7 @@ async def test_job_list_token_is_refused_by_the_other_list(server):
     assert list(field_violations(err.value)) == ["page_token"]
 
 
+@both_stores
 async def test_approved_outputs_page_by_keyset_and_new_approvals_do_not_shift_pages(server):
     stub = generate_service_pb2_grpc.GenerateServiceStub(server.channel)
     jobs = jobs_stub(server)
@@ -229,6 +235,7 @@ async def test_device_starts_the_next_job_while_outputs_are_still_stored(server)
         assert len(await download(server.channel, job.outputs[0].asset.name)) == job.outputs[0].asset.size_bytes
 
 
+@both_stores
 async def test_typed_results_travel_as_messages(server):
     from paletta.v1 import detect_pb2, detect_service_pb2_grpc
 
