@@ -182,6 +182,8 @@ def full_qwen_text_encoder(tiny_config: Path | None) -> Any:
     config = Qwen2_5_VLConfig.from_pretrained(tiny_config)
     for name, value in FULL["qwen_text"].items():
         setattr(config.text_config, name, value)
+    if getattr(config.text_config, "layer_types", None) is not None:  # one entry per layer, as the tiny had
+        config.text_config.layer_types = ["full_attention"] * config.text_config.num_hidden_layers
     rope = dict(getattr(config.text_config, "rope_parameters", None) or {})
     rope.update(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24])
     config.text_config.rope_parameters = rope
