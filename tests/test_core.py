@@ -244,3 +244,70 @@ async def test_typed_results_travel_as_messages(server):
         image=image_pb2.ImageRef(inline=png_bytes((64, 48))), threshold=0.0))))[-1].finished.job
     assert job.outputs[0].WhichOneof("result") == "detections"
     assert isinstance(job.outputs[0].detections, result_pb2.Detections)
+
+
+# A server whose output writes stop half way (the PNG's temporary file is written, then it hangs):
+# kill -9 lands between the image being made and its asset being stored.
+_HANGING_STORE = """
+import os, sys, time
+from pathlib import Path
+import paletta_server.storage.assets as assets
+
+def hang(path, data):
+    if path.suffix != ".json":
+        Path(path.parent, ".tmp-crash").write_bytes(data[: len(data) // 2])
+        Path(os.environ["PALETTA_TEST_MARK"]).touch()
+        time.sleep(600)
+    assets._original_atomic_write(path, data)
+
+assets._original_atomic_write = assets._atomic_write
+assets._atomic_write = hang
+from paletta_server.config import load_config
+from paletta_server.main import serve
+serve(load_config(sys.argv[1], profile="tiny"))
+"""
+
+
+async def test_kill_9_while_an_output_is_stored_leaves_no_half_asset(tmp_path, tiny_models_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import link_tiny_models
+    from tests.test_restart import free_port, start_server, wait_serving
+
+    data, mark = tmp_path / "data", tmp_path / "storing"
+    link_tiny_models(data, tiny_models_dir)
+    port = free_port()
+    env = {**os.environ, "PALETTA_PORT": str(port), "HF_HUB_OFFLINE": "1", "PALETTA_TEST_MARK": str(mark)}
+    proc = subprocess.Popen([sys.executable, "-c", _HANGING_STORE, str(data)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        channel = await wait_serving(f"127.0.0.1:{port}")
+        stream = generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(
+            generate_pb2.GenerateRequest(**GEN))
+        name = (await stream.read()).job
+        for _ in range(600):
+            if mark.exists():
+                break
+            await asyncio.sleep(0.1)
+        assert mark.exists(), "the output write never started"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        await channel.close()
+    finally:
+        proc.kill()
+    assert list((data / "assets").glob("*/.tmp-crash"))  # the half-written file is there …
+    port = free_port()
+    again = start_server(data, port)
+    try:
+        channel = await wait_serving(f"127.0.0.1:{port}")
+        job = await job_service_pb2_grpc.JobServiceStub(channel).GetJob(job_service_pb2.GetJobRequest(name=name))
+        assert job.state == job_pb2.JOB_STATE_FAILED and error_reason(job.error) == "INTERRUPTED"
+        assert not job.outputs
+        assert not list((data / "assets").glob("*/.tmp-*"))  # … and start-up removed it
+        await channel.close()
+    finally:
+        again.terminate()
+        again.wait(30)
