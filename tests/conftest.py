@@ -22,6 +22,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from paletta_server.config import load_config  # noqa: E402
 from paletta_server.server import PalettaServer  # noqa: E402
+from tests.pg import database, pg_cluster  # noqa: E402, F401  (fixtures: the job store, SQLite or PostgreSQL)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -74,14 +75,16 @@ ServerFactory = Callable[..., Awaitable[ServerHandle]]
 
 
 @pytest.fixture
-async def server_factory(tmp_path: Path, tiny_models_dir: Path) -> AsyncIterator[ServerFactory]:
-    """Start servers with config overrides: ``await server_factory(token="x", max_queue=2)``."""
+async def server_factory(tmp_path: Path, tiny_models_dir: Path, database: str) -> AsyncIterator[ServerFactory]:  # noqa: F811
+    """Start servers with config overrides: ``await server_factory(token="x", max_queue=2)``; their
+    job store is SQLite in the data dir unless the test runs ``@both_stores`` (tests/pg.py)."""
     started: list[ServerHandle] = []
 
     async def start(data_dir: Path | None = None, **overrides) -> ServerHandle:
         data = data_dir or tmp_path / f"data{len(started)}"
         link_tiny_models(data, tiny_models_dir)
         overrides.setdefault("profile", "tiny")
+        overrides.setdefault("database", database)
         config = load_config(data, env={}, host="127.0.0.1", port=0, **overrides)
         server = PalettaServer(config)
         port = await server.start()

@@ -35,6 +35,7 @@ from paletta_server.jobs import paging
 from paletta_server.jobs.state import FINAL, IllegalTransition, JobState, check_transition
 from paletta_server.models.registry import SPECS
 from tests.helpers import collect, download, download_image, error_reason, field_violations, png_bytes
+from tests.pg import both_stores
 
 GEN = dict(prompt="a lighthouse", width=64, height=64, steps=2, seed=11)
 
@@ -72,6 +73,7 @@ async def test_list_models_names_the_capabilities_that_use_each_model(server):
 
 
 # -- a job remembers what was asked -------------------------------------------------------------
+@both_stores
 async def test_job_spec_is_the_prepared_request_without_options_and_reruns_the_job(server):
     stub = generate_service_pb2_grpc.GenerateServiceStub(server.channel)
     request = generate_pb2.GenerateRequest(
@@ -123,6 +125,7 @@ async def test_a_pipeline_is_not_a_pipeline_step(server):
 
 
 # -- one error path -----------------------------------------------------------------------------
+@both_stores
 async def test_a_cancelled_job_keeps_its_status_with_error_info(server):
     stub = generate_service_pb2_grpc.GenerateServiceStub(server.channel)
     stream = stub.Generate(generate_pb2.GenerateRequest(**{**GEN, "steps": 100, "width": 256, "seed": 2}))
@@ -137,6 +140,7 @@ async def test_a_cancelled_job_keeps_its_status_with_error_info(server):
 
 
 # -- page tokens ----------------------------------------------------------------------------------
+@both_stores
 @pytest.mark.parametrize("token", [
     "o:" + "9" * 30, base64.urlsafe_b64encode(b"o:" + b"9" * 30).decode(), "%%%",
     paging._encode("approved", "2026-01-01T00:00:00", "a" * 32, 2**40),
@@ -152,6 +156,7 @@ async def test_crafted_page_tokens_are_invalid_argument(server, token):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and list(field_violations(err.value)) == ["page_token"]
 
 
+@both_stores
 async def test_job_list_token_is_refused_by_the_other_list(server):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await jobs_stub(server).ListJobs(job_service_pb2.ListJobsRequest(
@@ -159,6 +164,7 @@ async def test_job_list_token_is_refused_by_the_other_list(server):
     assert list(field_violations(err.value)) == ["page_token"]
 
 
+@both_stores
 async def test_approved_outputs_page_by_keyset_and_new_approvals_do_not_shift_pages(server):
     stub = generate_service_pb2_grpc.GenerateServiceStub(server.channel)
     jobs = jobs_stub(server)
@@ -229,6 +235,7 @@ async def test_device_starts_the_next_job_while_outputs_are_still_stored(server)
         assert len(await download(server.channel, job.outputs[0].asset.name)) == job.outputs[0].asset.size_bytes
 
 
+@both_stores
 async def test_typed_results_travel_as_messages(server):
     from paletta.v1 import detect_pb2, detect_service_pb2_grpc
 
@@ -237,3 +244,70 @@ async def test_typed_results_travel_as_messages(server):
         image=image_pb2.ImageRef(inline=png_bytes((64, 48))), threshold=0.0))))[-1].finished.job
     assert job.outputs[0].WhichOneof("result") == "detections"
     assert isinstance(job.outputs[0].detections, result_pb2.Detections)
+
+
+# A server whose output writes stop half way (the PNG's temporary file is written, then it hangs):
+# kill -9 lands between the image being made and its asset being stored.
+_HANGING_STORE = """
+import os, sys, time
+from pathlib import Path
+import paletta_server.storage.assets as assets
+
+def hang(path, data):
+    if path.suffix != ".json":
+        Path(path.parent, ".tmp-crash").write_bytes(data[: len(data) // 2])
+        Path(os.environ["PALETTA_TEST_MARK"]).touch()
+        time.sleep(600)
+    assets._original_atomic_write(path, data)
+
+assets._original_atomic_write = assets._atomic_write
+assets._atomic_write = hang
+from paletta_server.config import load_config
+from paletta_server.main import serve
+serve(load_config(sys.argv[1], profile="tiny"))
+"""
+
+
+async def test_kill_9_while_an_output_is_stored_leaves_no_half_asset(tmp_path, tiny_models_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import link_tiny_models
+    from tests.test_restart import free_port, start_server, wait_serving
+
+    data, mark = tmp_path / "data", tmp_path / "storing"
+    link_tiny_models(data, tiny_models_dir)
+    port = free_port()
+    env = {**os.environ, "PALETTA_PORT": str(port), "HF_HUB_OFFLINE": "1", "PALETTA_TEST_MARK": str(mark)}
+    proc = subprocess.Popen([sys.executable, "-c", _HANGING_STORE, str(data)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        channel = await wait_serving(f"127.0.0.1:{port}")
+        stream = generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(
+            generate_pb2.GenerateRequest(**GEN))
+        name = (await stream.read()).job
+        for _ in range(600):
+            if mark.exists():
+                break
+            await asyncio.sleep(0.1)
+        assert mark.exists(), "the output write never started"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        await channel.close()
+    finally:
+        proc.kill()
+    assert list((data / "assets").glob("*/.tmp-crash"))  # the half-written file is there …
+    port = free_port()
+    again = start_server(data, port)
+    try:
+        channel = await wait_serving(f"127.0.0.1:{port}")
+        job = await job_service_pb2_grpc.JobServiceStub(channel).GetJob(job_service_pb2.GetJobRequest(name=name))
+        assert job.state == job_pb2.JOB_STATE_FAILED and error_reason(job.error) == "INTERRUPTED"
+        assert not job.outputs
+        assert not list((data / "assets").glob("*/.tmp-*"))  # … and start-up removed it
+        await channel.close()
+    finally:
+        again.terminate()
+        again.wait(30)

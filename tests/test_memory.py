@@ -141,6 +141,39 @@ def test_every_capability_fits_a_16_gib_card_under_nf4():
     assert estimate("realesrgan-x4plus", "nf4", 70).weights == 70
 
 
+def test_identity_runs_whole_on_a_16_gib_card_under_nf4_beside_its_pinned_helpers():
+    """Identity loads antelopev2, BiSeNet, PuLID and EVA first (pinned: the job uses them; 2.37 GB by the
+    registry's estimates), then flux-dev-pipeline, a FLUX family with the FLUX NF4 footprint. Under a
+    16 GiB cap at 1024² it runs whole: 2.37 + 10.5 + 3.9 working = 16.77 GB of 16.91, an earlier family
+    evicted first. The margin is thin (estimates, not GPU measurements): a quarter GiB less and it runs
+    offloaded (7.2 transformer + 3.9 working beside the helpers); at 12.5 GiB it is refused."""
+    from paletta_server.models.registry import SPECS
+
+    helpers = ("antelopev2", "facexlib-parsing", "pulid-flux", "eva02-clip-l-336")
+    sizes = {s.key: s.estimated_bytes for s in SPECS if s.key in helpers}
+    resident = [(k, sizes[k], False) for k in helpers]
+    dev = estimate("flux-dev-pipeline", "nf4")
+    assert "flux-dev-pipeline" in memory.FAMILY_KEYS and dev == estimate("flux-schnell", "nf4")
+    policy = derive_policy(CAP_16, [estimate(k, "nf4") for k in memory.EDGE_FAMILIES], 1024)
+    assert policy == memory.Policy(1024, False)
+
+    def identity(cap: int, before: tuple = ()) -> memory.Plan:
+        return plan(cap, [*before, *resident], set(helpers), "flux-dev-pipeline", dev, policy.inference_edge,
+                    policy.keep_two_families)
+
+    p = identity(CAP_16)
+    assert (p.evict, p.offload, p.refuse, p.needed) == ((), False, "", int(14.4 * GB))
+    assert p.kept == sum(sizes.values()) and 0 < CAP_16 - p.needed - p.kept < 200 * MB
+    schnell = ("flux-schnell", estimate("flux-schnell", "nf4").weights, True)
+    p = identity(CAP_16, (schnell,))
+    assert (p.evict, p.offload, p.refuse) == (("flux-schnell",), False, "")
+    p = identity(CAP_16 - GiB // 4)
+    assert (p.evict, p.offload, p.refuse, p.needed) == ((), True, "", int(11.1 * GB))
+    p = identity(int(12.5 * GiB))
+    assert p.refuse.startswith("flux-dev-pipeline needs 11100000000 bytes on the device (offloaded")
+    assert "held by models the job also uses" in p.refuse and p.evict == ()
+
+
 def test_inference_edge_and_two_families_derive_from_the_budget():
     nf4 = [estimate(k, "nf4") for k in memory.EDGE_FAMILIES]
     bf16 = [estimate(k, "bf16") for k in memory.EDGE_FAMILIES]

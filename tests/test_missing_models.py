@@ -14,6 +14,7 @@ from paletta.v1 import (
     detect_pb2,
     edit_pb2,
     generate_pb2,
+    identity_pb2,
     image_pb2,
     inpaint_pb2,
     job_pb2,
@@ -49,6 +50,8 @@ def requests(image: image_pb2.ImageRef, mask: image_pb2.ImageRef) -> dict[str, t
         "caption": (caption_pb2.CaptionRequest(image=image), "blip-large"),
         "analyze": (caption_pb2.AnalyzeRequest(image=image), "blip-large"),
         "expand": (prompt_pb2.ExpandRequest(prompt="knight"), "qwen2.5-1.5b-instruct"),
+        # The face is found before FLUX.1-dev loads, so the face models are the first missing.
+        "identity": (identity_pb2.IdentityServiceGenerateRequest(face=image, prompt="f"), "antelopev2"),
     }
 
 

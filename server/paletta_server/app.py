@@ -1,16 +1,24 @@
-"""Composition root: builds the store, assets, registry, residency, job manager and worker from a Config."""
+"""Composition root: builds the store, assets, registry, residency, job manager and worker from a Config.
+
+Embedded (the default): SQLite in the data dir, the manager is the in-process worker's link.
+Shared (``database`` is a PostgreSQL URL): the same manager records against the shared store; a
+``workers=1`` process runs its device worker through a PostgresLink, a ``workers=0`` front end
+runs none, and ``paletta worker`` processes (main.worker) run one each.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field, replace
 
 from paletta_server.capabilities import discover
 from paletta_server.capabilities.base import Capability, PrepareContext
 from paletta_server.config import Config
+from paletta_server.jobs import messages as msg
 from paletta_server.jobs.manager import JobManager
 from paletta_server.jobs.runner import DeviceWorker
-from paletta_server.jobs.store import JobStore
+from paletta_server.jobs.store import JobStore, database_url
 from paletta_server.models.device import budget_function, detect_device, device_capacity
 from paletta_server.models.profiles import PROFILES, Profile
 from paletta_server.models.registry import ModelRegistry
@@ -18,6 +26,19 @@ from paletta_server.models.residency import ResidencyManager
 from paletta_server.models.styles import StyleRegistry
 from paletta_server.models.types import Device
 from paletta_server.storage import AssetStore
+
+
+def choose_device(config: Config, profile: Profile) -> Device:
+    """``config.device``: "" detects; "cpu" forces the CPU; "cuda:N" is GPU N, which this process
+    sees as its only GPU (CUDA_VISIBLE_DEVICES, set before torch loads)."""
+    wanted = config.device.strip().lower()
+    if wanted == "cpu":
+        return Device("cpu", "fp32", note="" if profile.quantization == "fp32" else "--device cpu: running fp32")
+    if wanted.startswith("cuda:"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = wanted.split(":", 1)[1]
+    elif wanted not in ("", "cuda"):
+        raise ValueError(f"unknown device {config.device!r}; use cpu, cuda or cuda:N")
+    return detect_device(profile)
 
 
 @dataclass
@@ -29,8 +50,12 @@ class PalettaApp:
     def __post_init__(self) -> None:
         config = self.config
         self.profile = PROFILES[config.profile]
-        self.device = self.device or detect_device(self.profile)
-        self.store = JobStore(config.db_path)
+        self.store = JobStore(database_url(config.database, config.data_dir))
+        if config.workers not in (0, 1):
+            raise ValueError(f"workers must be 0 or 1 per process, got {config.workers}: run `paletta worker` per GPU")
+        if config.workers == 0 and not self.store.shared:
+            raise ValueError("a front end without workers (--workers 0) needs a shared PostgreSQL store (--database)")
+        self.device = self.device or choose_device(config, self.profile)
         self.assets = AssetStore(config.assets_dir, config.max_upload_bytes, config.max_image_pixels)
         self.registry = ModelRegistry(config)
         self.styles = StyleRegistry(config.data_dir)
@@ -43,18 +68,32 @@ class PalettaApp:
         self.profile = replace(self.profile, max_inference_edge=self.residency.policy.inference_edge)
         self.capabilities: dict[str, Capability] = discover()
         self.manager = JobManager(self.store, self.assets, max_queue=config.max_queue,
-                                  lookahead=config.affinity_lookahead, max_skips=config.max_skips)
-        self.worker = DeviceWorker(self.manager, self.capabilities, self.residency, self.assets, config,
-                                   self.profile, self.styles)
+                                  lookahead=config.affinity_lookahead, max_skips=config.max_skips,
+                                  lease_seconds=config.lease_seconds)
+        self.link: msg.WorkerLink = self.manager
+        if self.store.shared:
+            from paletta_server.jobs.postgres import PostgresLink, worker_name
+
+            self.link = PostgresLink(self.manager, worker_name(config.device or self.device.name))
+        self.worker = (DeviceWorker(self.link, self.capabilities, self.residency, self.assets, config,
+                                    self.profile, self.styles) if config.workers else None)
         self.prepare_context = PrepareContext(self.assets, self.profile, config, self.styles)
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Recover persisted jobs and start the device worker; call from the serving loop."""
+    def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Recover persisted jobs (embedded) and start the device worker; call from the serving loop
+        (None in a worker process, which serves no watchers)."""
         self.manager.start(loop)
-        self.worker.start()
+        if self.worker is not None:
+            if self.link is not self.manager:
+                self.link.start()  # type: ignore[attr-defined]
+            self.worker.start()
 
     def stop(self, worker_wait: float = 5.0) -> None:
         """Stop the worker (a running job stops at its next step), then store what it already
         reported (outputs included)."""
-        self.worker.stop(worker_wait)
+        if self.worker is not None:
+            self.worker.stop(worker_wait)
         self.manager.stop()
+        if self.worker is not None and self.link is not self.manager:
+            self.link.stop()  # type: ignore[attr-defined]
+        self.store.dispose()

@@ -48,6 +48,18 @@ class Config:
     # 0 = the whole device. "16GiB" plans for a 16 GB card and caps CUDA allocations to it, so a run on a
     # bigger GPU fails where that card would (flag --memory-budget, PALETTA_MEMORY_BUDGET, toml memory_budget).
     memory_budget: int = 0
+    # -- scale-out (issue 13) --
+    # The job store's SQLAlchemy URL: "" = SQLite in the data dir (embedded); postgresql+psycopg://user@host/db
+    # shares one queue between front ends and workers on any machine (flag --database, PALETTA_DATABASE).
+    database: str = ""
+    # Device workers in this server process: 1 (embedded, or one GPU beside a front end) or 0 (a front end only;
+    # PostgreSQL store). Each further GPU runs `paletta worker` (flag --workers, PALETTA_WORKERS).
+    workers: int = 1
+    # The device a worker runs on: "" picks one (CUDA if visible), "cpu", "cuda" or "cuda:N" (PALETTA_DEVICE).
+    device: str = ""
+    # A worker renews its lease on its running job every lease/5 s; a job whose lease ran out (its worker was
+    # killed or lost the database) fails as INTERRUPTED (PALETTA_LEASE_SECONDS).
+    lease_seconds: float = 10.0
 
     @property
     def db_path(self) -> Path:
@@ -96,6 +108,10 @@ _ENV = {
     "PALETTA_MAX_UPLOAD_BYTES": ("max_upload_bytes", int),
     "PALETTA_MEMORY_BUDGET": ("memory_budget", parse_size),
     "PALETTA_MAX_IMAGE_PIXELS": ("max_image_pixels", int),
+    "PALETTA_DATABASE": ("database", str),
+    "PALETTA_WORKERS": ("workers", int),
+    "PALETTA_DEVICE": ("device", str),
+    "PALETTA_LEASE_SECONDS": ("lease_seconds", float),
 }
 
 

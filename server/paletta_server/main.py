@@ -1,4 +1,8 @@
-"""``paletta serve``: run the server until SIGINT or SIGTERM."""
+"""``paletta serve`` and ``paletta worker``: run until SIGINT or SIGTERM.
+
+``python -m paletta_server.main [serve|worker] [DATA_DIR]`` runs them on the tiny profile without
+the CLI (tests, the scale-out benchmark); other settings come from PALETTA_* variables.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
+from dataclasses import replace
 
 from paletta_server.config import Config
 from paletta_server.environment import prepare_process, quiet_warnings
@@ -23,7 +29,9 @@ SHUTDOWN_WAIT = 2.0
 async def _serve(config: Config) -> None:
     server = PalettaServer(config)
     port = await server.start()
-    print(f"paletta: serving on {config.host}:{port} (profile {config.profile}, data {config.data_dir})", flush=True)
+    role = "" if config.workers else ", front end only"
+    print(f"paletta: serving on {config.host}:{port} (profile {config.profile}, data {config.data_dir}{role})",
+          flush=True)
     stop = asyncio.Event()
     received: list[signal.Signals] = []
 
@@ -67,7 +75,34 @@ def serve(config: Config) -> None:
     os._exit(0)
 
 
+def worker(config: Config) -> None:
+    """One device worker on the shared PostgreSQL queue (``paletta worker``): claims jobs, runs
+    them on ``config.device``, records their events, until SIGINT or SIGTERM."""
+    prepare_process(config.data_dir)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_warnings()
+    if not config.database.startswith("postgresql"):
+        raise SystemExit("paletta worker needs a shared PostgreSQL store: --database postgresql+psycopg://…")
+    from paletta_server.app import PalettaApp
+
+    app = PalettaApp(replace(config, workers=1))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    app.start(None)
+    name = app.link.worker  # type: ignore[attr-defined]
+    print(f"paletta: worker {name} ready (profile {config.profile}, device {app.device.name}, "
+          f"data {config.data_dir})", flush=True)
+    try:
+        stop.wait()
+    finally:
+        app.stop()
+
+
 if __name__ == "__main__":
     from paletta_server.config import load_config
 
-    serve(load_config(sys.argv[1] if len(sys.argv) > 1 else None, profile="tiny"))
+    args = sys.argv[1:]
+    command = args.pop(0) if args and args[0] in ("serve", "worker") else "serve"
+    loaded = load_config(args[0] if args else None, profile="tiny")
+    (worker if command == "worker" else serve)(loaded)

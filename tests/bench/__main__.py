@@ -5,6 +5,8 @@ Prints, from one run on the tiny models:
   (b) progress latency, step callback → client receipt, p50 and p99
   (c) ``paletta serve`` start → health SERVING
   (d) upload + download throughput of a 4096×4096 PNG
+  (e) the fixed per-job cost (gRPC minus direct of (a)) and the device-idle gap between
+      back-to-back jobs (one job's Finished to the next job's run, on the device thread)
 and then the per-capability figures of tests/bench/diffusion.py and tests/bench/vision.py
 when those modules are present.
 """
@@ -64,6 +66,27 @@ async def generate_ratio_and_latency(server: PalettaServer, channel, size: int, 
                                 height=size, steps=steps, seed=1, guidance=0.0, preview_every=10**9)
         direct_times.append(time.perf_counter() - start)
     return statistics.median(grpc_times), statistics.median(direct_times), latencies
+
+
+async def device_idle_gap(server: PalettaServer, channel, jobs: int = 12) -> list[float]:
+    """Queue ``jobs`` small Generate jobs at once; the device's idle time between consecutive jobs."""
+    worker = server.app.worker
+    spans: list[tuple[float, float]] = []
+    original = worker.run
+
+    def timed(assignment):  # noqa: ANN001, ANN202
+        start = time.perf_counter()
+        original(assignment)
+        spans.append((start, time.perf_counter()))
+
+    worker.run = timed
+    stub = gen_grpc.GenerateServiceStub(channel)
+    try:
+        await asyncio.gather(*(collect(stub.Generate(gen.GenerateRequest(
+            prompt="a knight", width=64, height=64, steps=1, seed=i))) for i in range(jobs)))
+    finally:
+        worker.run = original
+    return [nxt[0] - prev[1] for prev, nxt in zip(spans, spans[1:], strict=False)]
 
 
 def free_port() -> int:
@@ -139,12 +162,16 @@ async def core_figures(folder: Path, quick: bool) -> None:
         p50, p99 = lat_ms[len(lat_ms) // 2], lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))]
         print(f"(b) progress latency over {len(lat_ms)} events: p50 {p50:.2f} ms, p99 {p99:.2f} ms  "
               f"(target p99 <= 10 ms)")
+        gaps = sorted(g * 1000 for g in await device_idle_gap(server, channel))
         up, down, size_bytes = await transfer_throughput(channel)
     await server.stop(0)
     start_s = serve_to_serving(folder / "serve-data")
     print(f"(c) paletta serve start -> health SERVING: {start_s:.2f} s  (target <= 1.5 s)")
     print(f"(d) 4096x4096 PNG ({size_bytes / 1e6:.1f} MB): upload {up:.0f} MB/s, download {down:.0f} MB/s  "
           f"(target >= 200 MB/s)", flush=True)
+    print(f"(e) fixed per-job cost {(grpc_t - direct_t) * 1000:.1f} ms (target <= 10 ms); device idle between "
+          f"{len(gaps) + 1} back-to-back jobs: median {gaps[len(gaps) // 2]:.2f} ms, max {gaps[-1]:.2f} ms "
+          f"(target <= 2 ms)", flush=True)
 
 
 def main(quick: bool) -> None:

@@ -38,6 +38,9 @@ REQUIRED=(
   "googleapis-common-protos==$(version googleapis-common-protos)"
   "nvidia-ml-py==$(version nvidia-ml-py)"   # device detection goes through NVML (models/device.py)
   "isal==$(version isal)"                   # storage/png.py
+  "alembic==$(version alembic)"             # jobs/store.py migrates the schema at start
+  "Mako==$(version Mako)"
+  "MarkupSafe==$(version MarkupSafe)"
 )
 # What diffusers needs in versions the device's transformers stack may predate; installed there only
 # when the device's own copy does not satisfy diffusers (see gpu_device.sh).

@@ -182,6 +182,8 @@ def full_qwen_text_encoder(tiny_config: Path | None) -> Any:
     config = Qwen2_5_VLConfig.from_pretrained(tiny_config)
     for name, value in FULL["qwen_text"].items():
         setattr(config.text_config, name, value)
+    if getattr(config.text_config, "layer_types", None) is not None:  # one entry per layer, as the tiny had
+        config.text_config.layer_types = ["full_attention"] * config.text_config.num_hidden_layers
     rope = dict(getattr(config.text_config, "rope_parameters", None) or {})
     rope.update(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24])
     config.text_config.rope_parameters = rope
@@ -730,6 +732,28 @@ async def memory_job(res: Results, server: Server, kind: str, args: argparse.Nam
     summarize(res)
 
 
+def uncapped(cap: int, build, *args):  # noqa: ANN001, ANN201
+    """A stage body that builds full-size weights on the GPU with the server's cap lifted (the cap
+    emulates the card the server runs on, not the benchmark's weight factory), then puts it back."""
+    from paletta_server.models.device import apply_memory_cap, release_memory_cap
+
+    async def body():  # noqa: ANN202
+        release_memory_cap()
+        try:
+            return await asyncio.to_thread(build, *args)
+        finally:
+            import gc
+
+            gc.collect()
+            if _cuda() is not None:
+                import torch
+
+                torch.cuda.empty_cache()
+            apply_memory_cap(cap)
+
+    return body
+
+
 async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, folders: dict[str, Path]) -> None:
     from paletta_server.config import parse_size
     from paletta_server.models.device import release_memory_cap
@@ -764,17 +788,16 @@ async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, f
                     continue
                 if args.size == "full" and kind == "inpaint" and "transformer_fill" not in res.data["build"] \
                         and not (room_for_fill(res, work, args.size) and await stage(
-                            res, "memory.build_fill", lambda: asyncio.to_thread(build_fill_transformer, res, work,
-                                                                                 folders))):
+                            res, "memory.build_fill", uncapped(cap, build_fill_transformer, res, work, folders))):
                     continue
                 if args.size == "full" and kind == "control" and not await stage(
-                        res, "memory.build_control", lambda: asyncio.to_thread(
-                            build_full_controlnet, res, work, extra["flux-controlnet-union"])):
+                        res, "memory.build_control",
+                        uncapped(cap, build_full_controlnet, res, work, extra["flux-controlnet-union"])):
                     continue
                 if args.size == "full" and kind == "qwen_edit":
                     await server.client.unload_models()
-                    if not await stage(res, "memory.build_qwen", lambda: asyncio.to_thread(
-                            build_full_qwen, res, work, extra["qwen-image-edit"])):
+                    build_qwen = uncapped(cap, build_full_qwen, res, work, extra["qwen-image-edit"])
+                    if not await stage(res, "memory.build_qwen", build_qwen):
                         continue
                 await stage(res, f"memory.{kind}", lambda k=kind: memory_job(res, server, k, args))
     finally:

@@ -1,12 +1,23 @@
 """JobManager: the one interface the api layer sees (submit, watch, cancel, get, list, approve),
-and the other end of the device worker's link (assignments out, plain messages in).
+and the recorder of what device workers report (plain messages in, state and events out).
 
-It owns the persisted store, the pure scheduler, the job state machine and the live event logs
-watchers follow. Events are written to the store first and then published, so a watcher that
-reconnects with ``after_seq`` replays exactly what it missed. Messages from the worker go
-through a queue to one event thread, which stores outputs (PNG encoding included) and events in
-arrival order: the device thread never waits for storage, and starts its next job while the last
-one's outputs are still being written; the job's ``finished`` still comes after all of them.
+It owns the persisted store, the job state machine and the live event logs watchers follow.
+Events are written to the store first and then published, so a watcher that reconnects with
+``after_seq`` replays exactly what it missed. Messages from a worker go through a queue to one
+event thread, which stores outputs (PNG encoding included) and events in arrival order: the
+device thread never waits for storage, and starts its next job while the last one's outputs are
+still being written; the job's ``finished`` still comes after all of them.
+
+Two modes, chosen by the store:
+
+* embedded (SQLite): the queue is the in-memory scheduler, the manager itself is the in-process
+  worker's link, and live logs are filled as events are emitted — one process owns everything.
+* shared (PostgreSQL): the store is the queue. Workers anywhere claim jobs through a
+  ``PostgresLink`` (jobs/postgres.py) whose messages this same recorder writes; front ends fill
+  their live logs from the store when ``NOTIFY paletta_events`` says a job has a new event, so
+  any front end serves any job. State changes are compare-and-set in the store, so two
+  processes never move one job twice; a janitor in every process fails jobs whose worker's lease
+  ran out (INTERRUPTED) and strips finished jobs' preview pixels once watchers are done with them.
 """
 
 from __future__ import annotations
@@ -16,10 +27,13 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from google.rpc import status_pb2
+from sqlalchemy.exc import IntegrityError
 
 from paletta.v1 import image_pb2, job_pb2
 from paletta_server.errors import (
@@ -44,13 +58,17 @@ log = logging.getLogger(__name__)
 CANCELLED_CODE = 1  # google.rpc.Code.CANCELLED
 # typed result message → its field in JobOutput's `result` oneof
 RESULT_FIELDS = {f.message_type.full_name: f.name for f in job_pb2.JobOutput.DESCRIPTOR.oneofs_by_name["result"].fields}
+LIVE_LOG_S = 30.0  # a finished job's live log (previews with pixels) is kept this long
+FOLLOW_POLL_S = 1.0  # shared mode: a watcher re-reads the store this often even without NOTIFY
+STORE_RETRY_S = 120.0  # how long the event thread retries a write while the database is unreachable
 
 
 @dataclass
 class ActiveJob:
     """A job that is queued, running, or finished a moment ago: its state and its live event log.
 
-    ``events`` holds every event of the job from seq 1, so ``events[i].seq == i + 1``.
+    ``events`` holds every event of the job from seq 1, so ``events[i].seq == i + 1``. Embedded,
+    the manager appends as it emits; shared, ``_fetch`` appends what the store holds.
     """
 
     capability: str
@@ -60,7 +78,8 @@ class ActiveJob:
     waiters: list[asyncio.Future] = field(default_factory=list)
     assigned: bool = False  # handed to the worker (its `started` may not be stored yet)
     cancel_requested: bool = False
-    output_error: status_pb2.Status | None = None  # storing an output failed: the job fails
+    fetching: bool = False  # shared: a read of new events from the store is under way …
+    dirty: bool = False  # … and another notification came during it
 
     @property
     def ended(self) -> bool:
@@ -74,34 +93,57 @@ class ActiveJob:
 
 
 class JobManager:
-    def __init__(self, store: st.JobStore, assets: AssetStore, *, max_queue: int, lookahead: int, max_skips: int):
+    def __init__(self, store: st.JobStore, assets: AssetStore, *, max_queue: int, lookahead: int, max_skips: int,
+                 lease_seconds: float = 10.0):
         self.store = store
         self.assets = assets
         self.max_queue = max_queue
+        self.shared = store.shared
+        self.lease_seconds = lease_seconds
         self.scheduler = Scheduler(lookahead, max_skips)
         self._cv = threading.Condition()  # guards the scheduler and the ActiveJobs' state flags
         self._emit_lock = threading.Lock()
         self._submit_lock = threading.Lock()
         self._active: dict[str, ActiveJob] = {}
+        self._output_errors: dict[str, status_pb2.Status] = {}  # storing an output failed: the job fails
+        self._claimed: dict[str, str] = {}  # shared: job id → the worker of this process that claimed it
         self._inbox: queue.SimpleQueue[msg.Message | None] = queue.SimpleQueue()
         self._events_thread = threading.Thread(target=self._pump, name="paletta-events", daemon=True)
+        self._stopping = threading.Event()
+        self._janitor = threading.Thread(target=self._janitor_loop, name="paletta-janitor", daemon=True)
+        self._tasks: set[asyncio.Task] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- start-up and shutdown -----------------------------------------------------------
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Recover persisted jobs and start the event thread; call from the serving loop."""
+    def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Start recording; ``loop`` is the serving loop (None in a worker process, which serves no
+        watchers). Embedded, persisted jobs are recovered first; shared, the janitor and (with a
+        loop) the store's notifications take that role."""
         self.loop = loop
-        self.recover()
+        if self.shared:
+            self._janitor.start()
+            if loop is not None:
+                from paletta_server.jobs.postgres import listen
+
+                self._spawn(listen(self.store.url, st.EVENTS_CHANNEL, self._on_notify, self._on_reconnect))
+        else:
+            self.recover()
         self._events_thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Store what the worker already sent (outputs included), then stop the event thread."""
+        self._stopping.set()
         if self._events_thread.is_alive():
             self._inbox.put(None)
             self._events_thread.join(timeout)
+        if self._janitor.is_alive():
+            self._janitor.join(timeout)
+        for task in list(self._tasks):
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(task.cancel)
 
     def recover(self) -> None:
-        """After a restart: the interrupted job fails with INTERRUPTED; queued jobs queue again."""
+        """Embedded, after a restart: the interrupted job fails with INTERRUPTED; queued jobs queue again."""
         for row in self.store.in_state(JobState.RUNNING):
             self._active[row.id] = self._active_from_db(row)
             self._transition(row.id, JobState.FAILED,
@@ -116,26 +158,31 @@ class JobManager:
         return ActiveJob(row.capability, row.spec, JobState(row.state),
                          [_parse(d) for d in self.store.events_after(row.id, 0)])
 
+    def _spawn(self, coro) -> None:  # noqa: ANN001
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # -- submit --------------------------------------------------------------------------
     def submit(self, capability: str, spec: bytes, priority: int, request_id: str, model_key: str,
                cancel_on_disconnect: bool) -> tuple[str, bool]:
         """Queue a job (``spec`` is a serialized JobSpec); returns (job id, created).
 
-        A known request_id returns the existing job. Blocking (SQLite): the api layer calls it in
-        a thread. Submissions are serialised so a request_id is checked and claimed atomically
-        and the queue bound holds.
+        A known request_id returns the existing job. Blocking (database): the api layer calls it
+        in a thread. Submissions are serialised so a request_id is checked and claimed atomically
+        and the queue bound holds (shared, the store's unique request_id settles races between
+        front ends, and the bound is per cluster, give or take a submission racing another).
         """
         with self._submit_lock:
             if request_id:
                 existing = self.store.by_request_id(request_id)
                 if existing is not None:
-                    if existing.capability != capability:
-                        raise invalid("options.request_id", f"already used by a {existing.capability} job")
-                    return existing.id, False
+                    return self._existing(existing, capability)
+            if self.shared:
+                return self._submit_shared(capability, spec, priority, request_id, model_key, cancel_on_disconnect)
             with self._cv:
                 if len(self.scheduler) >= self.max_queue:
-                    raise ResourceExhausted(f"the queue is full ({self.max_queue} jobs); retry later",
-                                            reason="QUEUE_FULL", retry_after_s=5.0)
+                    raise _queue_full(self.max_queue)
             row = self.store.create(capability, spec, priority, request_id, model_key, cancel_on_disconnect)
             self._active[row.id] = ActiveJob(capability, spec, JobState.QUEUED)
             with self._cv:
@@ -146,28 +193,52 @@ class JobManager:
                 self._cv.notify()
             return row.id, True
 
+    def _existing(self, row: st.JobRow, capability: str) -> tuple[str, bool]:
+        if row.capability != capability:
+            raise invalid("options.request_id", f"already used by a {row.capability} job")
+        return row.id, False
+
+    def _submit_shared(self, capability: str, spec: bytes, priority: int, request_id: str, model_key: str,
+                       cancel_on_disconnect: bool) -> tuple[str, bool]:
+        if self.store.count(JobState.QUEUED) >= self.max_queue:
+            raise _queue_full(self.max_queue)
+        try:
+            row = self.store.create(capability, spec, priority, request_id, model_key, cancel_on_disconnect)
+        except IntegrityError:  # another front end took this request_id a moment ago
+            existing = self.store.by_request_id(request_id) if request_id else None
+            if existing is None:
+                raise
+            return self._existing(existing, capability)
+        # Workers claim only jobs whose `queued` event is stored, so it always precedes `started`.
+        self.emit(row.id, "queued", job_pb2.JobQueued(position=self.store.position(row, self.scheduler.max_skips)))
+        return row.id, True
+
     # -- events --------------------------------------------------------------------------
-    def emit(self, job_id: str, kind: str, payload: object) -> job_pb2.JobEvent:
-        """Persist then publish one event; callable from any thread."""
+    def emit(self, job_id: str, kind: str, payload: object) -> job_pb2.JobEvent | None:
+        """Persist then publish one event; callable from any thread. None when the job is already
+        over (a late report from a worker whose lease ran out)."""
         name = job_name(job_id)
         holder: dict[str, job_pb2.JobEvent] = {}
 
         def build(seq: int) -> bytes:
             event = job_pb2.JobEvent(job=name, seq=seq, time=timestamp())
             getattr(event, kind).CopyFrom(payload)
-            if kind == "finished":  # the final Job names its own last event
-                event.finished.job.last_seq = seq
             holder["event"] = event
             return event.SerializeToString()
 
         with self._emit_lock:  # seq order and live-log order must agree across threads
-            self.store.append_event(job_id, kind, build)
-            event = holder["event"]
+            if self.store.append_event(job_id, kind, build) is None:
+                return None
+            return self._publish(job_id, holder["event"])
+
+    def _publish(self, job_id: str, event: job_pb2.JobEvent) -> job_pb2.JobEvent:
+        """Embedded: append to the live log and wake its watchers (call under the emit lock).
+        Shared: nothing — the store's NOTIFY reaches every front end, this one included."""
+        if not self.shared:
             active = self._active.get(job_id)
             if active is not None:
                 active.events.append(event)
-        if active is not None:
-            self._wake(active)
+                self._wake(active)
         return event
 
     def _wake(self, active: ActiveJob) -> None:
@@ -185,7 +256,7 @@ class JobManager:
 
     async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[job_pb2.JobEvent]:
         """Replay events after ``after_seq``, then follow live until the finished event."""
-        active = self._active.get(job_id)
+        active = await self._follow(job_id) if self.shared else self._active.get(job_id)
         if active is None:
             if await asyncio.to_thread(self.store.get, job_id) is None:
                 raise NotFound(f"job {job_name(job_id)} does not exist", reason="JOB_NOT_FOUND")
@@ -203,29 +274,108 @@ class JobManager:
             if not pending:
                 fut = asyncio.get_running_loop().create_future()
                 active.waiters.append(fut)
-                await fut
+                if not self.shared:
+                    await fut
+                    continue
+                try:  # a notification lost with a dropped LISTEN connection costs at most this long
+                    await asyncio.wait_for(fut, FOLLOW_POLL_S)
+                except TimeoutError:
+                    self._on_notify(job_id)
+
+    # -- shared mode: following the store ---------------------------------------------------
+    async def _follow(self, job_id: str) -> ActiveJob | None:
+        """This front end's live log of a job that is not over (None for an unknown or finished one,
+        which is replayed from the store)."""
+        active = self._active.get(job_id)
+        if active is None:
+            row = await asyncio.to_thread(self.store.get, job_id)
+            if row is None or JobState(row.state).final:
+                return None
+            active = self._active.setdefault(job_id, ActiveJob(row.capability, row.spec, JobState(row.state)))
+        if not active.events:
+            active.fetching = True
+            await self._fetch(job_id, active)
+        return active
+
+    def _on_notify(self, job_id: str) -> None:
+        """The store has a new event of ``job_id`` (on the serving loop): read it if anyone follows."""
+        active = self._active.get(job_id)
+        if active is None:
+            return
+        if active.fetching:
+            active.dirty = True
+            return
+        active.fetching = True
+        self._spawn(self._fetch(job_id, active))
+
+    def _on_reconnect(self) -> None:
+        """LISTEN (re)connected: catch up on whatever was announced while it was down."""
+        for job_id in list(self._active):
+            self._on_notify(job_id)
+
+    async def _fetch(self, job_id: str, active: ActiveJob) -> None:
+        try:
+            while True:
+                active.dirty = False
+                try:
+                    data = await asyncio.to_thread(self.store.events_after, job_id, len(active.events))
+                except Exception as exc:  # the database is away: watchers wait and poll again
+                    log.warning("could not read events of %s: %s", job_id, exc)
+                    return
+                for item in data:
+                    event = _parse(item)
+                    if event.seq == len(active.events) + 1:  # reads may overlap: each seq once, in order
+                        active.events.append(event)
+                        if event.WhichOneof("kind") == "finished":
+                            self._forget_later(job_id)
+                active.wake()
+                if not active.dirty:
+                    return
+        finally:
+            active.fetching = False
 
     # -- the state machine ---------------------------------------------------------------
-    def _transition(self, job_id: str, new: JobState, error: status_pb2.Status | None = None) -> None:
-        """The only place a job changes state: check the move, persist it, emit its event."""
+    def _transition(self, job_id: str, new: JobState, error: status_pb2.Status | None = None, *,
+                    expect: JobState | None = None, worker: str | None = None,
+                    lease_expired_before=None) -> bool:  # noqa: ANN001
+        """The only place a job changes state: check the move, then persist it with its event in one
+        transaction. False when another process moved the job first (shared mode)."""
         active = self._active.get(job_id)
-        old = active.state if active is not None else JobState(self.get_row(job_id).state)
-        check_transition(job_id, old, new)
-        if active is not None:
-            active.state = new
-        row = self.store.set_state(job_id, new, error=error.SerializeToString() if error is not None else None)
-        if new == JobState.RUNNING:
-            self.emit(job_id, "started", job_pb2.JobStarted())
-            return
-        if new.final:
+        if expect is None:
+            expect = active.state if active is not None and not self.shared else JobState(self.get_row(job_id).state)
+        check_transition(job_id, expect, new)
+        kind = "started" if new == JobState.RUNNING else "finished"
+
+        def make_event(row: st.JobRow, outputs: list[st.OutputRow], seq: int) -> bytes:
+            event = job_pb2.JobEvent(job=job_name(job_id), seq=seq, time=timestamp())
+            if new == JobState.RUNNING:
+                event.started.CopyFrom(job_pb2.JobStarted())
+            else:  # the final Job names its own last event
+                event.finished.job.CopyFrom(job_message(row, outputs))
+            return event.SerializeToString()
+
+        if new.final and not self.shared:
             # Previews only matter while a job runs: their pixels are dropped from the stored log so
             # it stays small (the events and their seqs stay). Watchers in the next 30 s still replay
-            # from memory, with pixels; later ones from the store, without.
+            # from memory, with pixels; later ones from the store, without. Shared, the janitor does
+            # this 30 s later, once every front end has read them.
             self.store.strip_previews(job_id, _without_jpeg)
-            self.emit(job_id, "finished", job_pb2.JobFinished(job=job_message(row, self.store.outputs(job_id))))
-            self._forget_later(job_id)
+        with self._emit_lock:
+            done = self.store.transition(job_id, new, expect, make_event, kind,
+                                         error=error.SerializeToString() if error is not None else None,
+                                         worker=worker, lease_expired_before=lease_expired_before)
+            if done is None:
+                return False
+            if active is not None and not self.shared:
+                active.state = new
+            self._publish(job_id, _parse(done[1]))
+        if new.final:
+            self._output_errors.pop(job_id, None)
+            if not self.shared:
+                self._forget_later(job_id)
+        return True
 
-    def _forget_later(self, job_id: str, delay: float = 30.0) -> None:
+    def _forget_later(self, job_id: str, delay: float = LIVE_LOG_S) -> None:
         """Drop a finished job's live log after a while; later watchers replay from the database."""
         loop = self.loop
         if loop is not None and not loop.is_closed():
@@ -251,17 +401,26 @@ class JobManager:
         return jobs, (paging.encode_job_key(last.created, last.id) if last else "")
 
     def queue_length(self) -> int:
-        return len(self.scheduler)
+        return self.store.count(JobState.QUEUED) if self.shared else len(self.scheduler)
 
     def running_job(self) -> str:
-        """The name of the job on the device, or ""."""
-        running = [job_id for job_id, job in list(self._active.items()) if job.state == JobState.RUNNING]
+        """The name of the job on this process's device, or ""."""
+        if self.shared:
+            running = list(self._claimed)
+        else:
+            running = [job_id for job_id, job in list(self._active.items()) if job.state == JobState.RUNNING]
         return job_name(running[-1]) if running else ""
 
     # -- cancel & approve ----------------------------------------------------------------
     def cancel(self, job_id: str) -> job_pb2.Job:
         """Cancel a queued job at once, a running one at its next check; a finished one is returned as is."""
         self.get_row(job_id)
+        if self.shared:
+            # The flag first: if a worker claims the job in between, it stops at its first check.
+            if self.store.request_cancel(job_id):
+                self._transition(job_id, JobState.CANCELLED, to_status(JobCancelled("cancelled while queued")),
+                                 expect=JobState.QUEUED)
+            return self.job(job_id)
         finish_now = False
         with self._cv:
             active = self._active.get(job_id)
@@ -298,7 +457,7 @@ class JobManager:
             token = paging.encode_output_key(last_job.created, last_job.id, last_out.index)
         return result, token
 
-    # -- the worker's link (messages.WorkerLink) -----------------------------------------
+    # -- the in-process worker's link (messages.WorkerLink), embedded mode --------------------
     def next_assignment(self, stop: threading.Event, resident: Callable[[str], bool],
                         timeout: float = 0.5) -> msg.Assignment | None:
         with self._cv:
@@ -322,13 +481,82 @@ class JobManager:
         with self._cv:
             self._cv.notify_all()
 
+    # -- shared mode: what a PostgresLink asks of the recorder ---------------------------------
+    def claim(self, worker: str, resident: Callable[[str], bool]) -> msg.Assignment | None:
+        """Claim the next job for ``worker`` from the shared queue: the scheduler's policy
+        (priority, aging, affinity look-ahead) over the queue's head, QUEUED → RUNNING with its
+        ``started`` event in the same transaction."""
+        check_transition("(claimed)", JobState.QUEUED, JobState.RUNNING)
+        policy = self.scheduler
+
+        def pick(candidates: list[st.JobRow]) -> tuple[str, dict[str, int]]:
+            window = Scheduler(policy.lookahead, policy.max_skips)
+            for job in sorted(candidates, key=lambda j: (j.created, j.id)):  # arrival order
+                window.add(job.id, job.priority, job.model_key, job.skips)
+            chosen = window.pick(resident)
+            assert chosen is not None
+            return chosen, {job.job_id: job.skips for job in window.ordered()}
+
+        def make_event(row: st.JobRow, outputs: list[st.OutputRow], seq: int) -> bytes:
+            return job_pb2.JobEvent(job=job_name(row.id), seq=seq, time=timestamp(),
+                                    started=job_pb2.JobStarted()).SerializeToString()
+
+        lease_until = st.now() + timedelta(seconds=self.lease_seconds)
+        claimed = self.store.claim(worker, lease_until, pick, make_event,
+                                   limit=policy.lookahead + 1, max_skips=policy.max_skips)
+        if claimed is None:
+            return None
+        row = claimed[0]
+        self._claimed[row.id] = worker
+        log.info("job %s %s started on %s", row.id, row.capability, worker)
+        return msg.Assignment(row.id, row.capability, row.spec)
+
+    def claimed_jobs(self, worker: str) -> list[str]:
+        return [job_id for job_id, owner in list(self._claimed.items()) if owner == worker]
+
+    def interrupt(self, job_id: str, reason: str, *, worker: str | None = None, lease_expired_before=None) -> bool:  # noqa: ANN001
+        """A running job whose worker is gone (or stopping) fails with INTERRUPTED; it never runs twice."""
+        done = self._transition(job_id, JobState.FAILED, to_status(Interrupted(reason)), expect=JobState.RUNNING,
+                                worker=worker, lease_expired_before=lease_expired_before)
+        self._claimed.pop(job_id, None)
+        if done:
+            log.warning("job %s interrupted: %s", job_id, reason)
+        return done
+
+    def _janitor_loop(self) -> None:
+        """Shared mode, in every process: fail jobs whose lease ran out; strip old previews."""
+        period = max(0.2, min(1.0, self.lease_seconds / 5))
+        while not self._stopping.wait(period):
+            try:
+                moment = st.now()
+                for job_id in self.store.expired(moment):
+                    self.interrupt(job_id, "its worker stopped renewing its lease (it died or lost the database)",
+                                   lease_expired_before=moment)
+                for job_id in self.store.ended_with_previews(moment - timedelta(seconds=LIVE_LOG_S)):
+                    self.store.strip_previews(job_id, _without_jpeg)
+            except Exception as exc:  # the database is away: try again next period
+                log.warning("janitor: %s", exc)
+
+    def strip_ended_previews(self, older_than: float = LIVE_LOG_S) -> None:
+        """Strip the preview pixels of jobs that ended ``older_than`` seconds ago (the janitor's job)."""
+        for job_id in self.store.ended_with_previews(st.now() - timedelta(seconds=older_than)):
+            self.store.strip_previews(job_id, _without_jpeg)
+
     # -- the event thread ------------------------------------------------------------------
     def _pump(self) -> None:
         while (message := self._inbox.get()) is not None:
-            try:
-                self._handle(message)
-            except Exception:  # a store failure must not stop the events of other jobs
-                log.exception("could not record %s", type(message).__name__)
+            began = time.monotonic()
+            while True:
+                try:
+                    self._handle(message)
+                    break
+                except Exception as exc:  # a store failure must not stop the events of other jobs
+                    if st.is_connection_error(exc) and time.monotonic() - began < STORE_RETRY_S:
+                        log.warning("database unreachable recording %s; retrying", type(message).__name__)
+                        time.sleep(0.5)  # every write is idempotent or compare-and-set: retrying is safe
+                        continue
+                    log.exception("could not record %s", type(message).__name__)
+                    break
 
     def _handle(self, message: msg.Message) -> None:
         job_id = message.job_id
@@ -353,24 +581,33 @@ class JobManager:
             if message.image is not None:
                 info = self.assets.put_image(message.image, message.parameters)
         except PalettaError as exc:
-            self._active[message.job_id].output_error = to_status(exc)
+            self._output_errors[message.job_id] = to_status(exc)
             return
         if info is not None:
             output.asset.CopyFrom(image_pb2.Asset(name=info.name, mime=info.mime, width=info.width,
                                                   height=info.height, size_bytes=info.size_bytes))
         if message.result_type:
             getattr(output, RESULT_FIELDS[message.result_type]).ParseFromString(message.result)
+        if self.shared and self.get_row(message.job_id).state != JobState.RUNNING:
+            return  # its lease ran out and the job failed meanwhile: a result nobody will read
         self.store.add_output(message.job_id, output.index, output.SerializeToString())
         self.emit(message.job_id, "output", output)
 
     def _finish(self, message: msg.Finished) -> None:
-        active = self._active[message.job_id]
-        error = message.error or active.output_error
+        error = message.error or self._output_errors.get(message.job_id)
         state = (JobState.SUCCEEDED if error is None
                  else JobState.CANCELLED if error.code == CANCELLED_CODE else JobState.FAILED)
-        self._transition(message.job_id, state, error)
-        log.info("job %s %s %s in %.2f s%s", message.job_id, active.capability, state.value.lower(), message.seconds,
-                 f" ({error.message})" if error is not None and state == JobState.FAILED else "")
+        worker = self._claimed.get(message.job_id)
+        done = self._transition(message.job_id, state, error, expect=JobState.RUNNING if self.shared else None,
+                                worker=worker)
+        self._claimed.pop(message.job_id, None)
+        log.info("job %s %s in %.2f s%s", message.job_id, state.value.lower() if done else "not recorded (lease lost)",
+                 message.seconds, f" ({error.message})" if error is not None and state == JobState.FAILED else "")
+
+
+def _queue_full(max_queue: int) -> ResourceExhausted:
+    return ResourceExhausted(f"the queue is full ({max_queue} jobs); retry later",
+                             reason="QUEUE_FULL", retry_after_s=5.0)
 
 
 def _without_jpeg(data: bytes) -> bytes:

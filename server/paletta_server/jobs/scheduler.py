@@ -4,7 +4,8 @@ Order is priority (high first), then arrival. Within a bounded look-ahead the sc
 take a later job of the same effective priority whose model is already resident, saving a
 load; a job passed over ``max_skips`` times runs next regardless. Every pass-over also ages
 the job, and each ``max_skips`` pass-overs raise its effective priority by one, so a low
-priority job cannot starve behind a stream of higher ones.
+priority job cannot starve behind a stream of higher ones. With several workers, each worker's
+claim runs this same policy over the head of the shared queue it locked (jobs/store.py ``claim``).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class Scheduler:
     def __contains__(self, job_id: str) -> bool:
         return job_id in self._queue
 
-    def add(self, job_id: str, priority: int, model_key: str) -> None:
-        self._queue[job_id] = QueuedJob(job_id, priority, model_key, next(self._arrivals))
+    def add(self, job_id: str, priority: int, model_key: str, skips: int = 0) -> None:
+        """Queue a job behind those added before it (``skips``: times it was already passed over)."""
+        self._queue[job_id] = QueuedJob(job_id, priority, model_key, next(self._arrivals), skips)
 
     def remove(self, job_id: str) -> bool:
         return self._queue.pop(job_id, None) is not None

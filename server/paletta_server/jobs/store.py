@@ -1,18 +1,27 @@
-"""Job store on SQLite through SQLAlchemy: jobs, what they were asked, and every event with its seq.
+"""The job store, by URL: SQLite (the embedded default) or PostgreSQL (scale-out), one schema, one code.
 
-The contract is the record format: a job's spec is a serialized ``paletta.v1.JobSpec``, its error
-a serialized ``google.rpc.Status``, its events serialized ``paletta.v1.JobEvent`` messages, so
-replaying after a restart returns exactly what live watchers saw.
+Jobs, what they were asked, and every event with its seq. The contract is the record format: a
+job's spec is a serialized ``paletta.v1.JobSpec``, its error a serialized ``google.rpc.Status``,
+its events serialized ``paletta.v1.JobEvent`` messages, so replaying after a restart returns
+exactly what live watchers saw. The schema is Alembic's (jobs/migrations), brought to head at start.
+
+On PostgreSQL the store is also the queue shared by every process: a worker claims a job with
+``FOR UPDATE SKIP LOCKED`` (``claim``), holds a lease it renews (``heartbeat``), and every event is
+announced with ``NOTIFY paletta_events '<job id>:<seq>'`` in the transaction that stores it (a
+queued job also on ``paletta_queue``, for idle workers). On SQLite the same statements run without
+the row locks and the notifications: one process owns the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -27,13 +36,24 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    make_url,
     or_,
     select,
+    tuple_,
     update,
 )
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from paletta_server.jobs.state import FINAL, JobState
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+EVENTS_CHANNEL = "paletta_events"  # payload "<job id>:<seq>": a new event is stored
+QUEUE_CHANNEL = "paletta_queue"  # payload "<job id>": a job was queued
+_MIGRATION_LOCK = 0x7061_6C65  # pg_advisory_xact_lock key: one process migrates at a time
+_FINAL = [s.value for s in FINAL]
 
 
 class Base(DeclarativeBase):
@@ -56,6 +76,12 @@ class JobRow(Base):
     ended: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     error: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # serialized google.rpc.Status
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # -- the shared queue (migration 0002) --
+    worker: Mapped[str | None] = mapped_column(String(64), nullable=True)  # who runs it
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # … while it renews this
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    skips: Mapped[int] = mapped_column(Integer, default=0)  # times passed over (the scheduler's aging)
+    previews_stripped: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class EventRow(Base):
@@ -77,6 +103,27 @@ class OutputRow(Base):
     approved_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
+# (job row after the change, its outputs, the event's seq) → the serialized event
+MakeEvent = Callable[[JobRow, list[OutputRow], int], bytes]
+# the claim's candidates, in queue order → (the chosen job, new skips of the others)
+PickJob = Callable[[list[JobRow]], tuple[str, dict[str, int]]]
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def database_url(database: str, data_dir: Path) -> str:
+    """The store's SQLAlchemy URL: ``database`` as given, or SQLite in the data dir when empty."""
+    return database or f"sqlite:///{data_dir / 'paletta.db'}"
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """A lost or refused database connection (a PostgreSQL restart): worth retrying, not a bug."""
+    return isinstance(exc, DBAPIError) and (exc.connection_invalidated or type(exc.orig).__name__ in (
+        "OperationalError", "InterfaceError", "AdminShutdown", "ConnectionFailure"))
+
+
 def _set_aside_older_schema(engine, path: Path) -> None:  # noqa: ANN001
     """A store written before jobs kept their spec (the pre-release schema) is renamed, not lost."""
     if "jobs" in inspect(engine).get_table_names() and "spec" not in {
@@ -84,45 +131,83 @@ def _set_aside_older_schema(engine, path: Path) -> None:  # noqa: ANN001
         engine.dispose()
         aside = path.with_suffix(".pre-spec.db")
         path.rename(aside)
-        logging.getLogger(__name__).warning("job store %s has an older schema; kept as %s, starting a new one",
-                                            path, aside)
+        log.warning("job store %s has an older schema; kept as %s, starting a new one", path, aside)
 
 
-def now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
+def migrate(engine) -> None:  # noqa: ANN001
+    """Bring the schema to Alembic's head; a store made before migrations (no version table) is
+    recognised as revision 0001 first."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # processes starting together migrate one after another
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+        cfg.attributes["connection"] = conn
+        tables = set(inspect(conn).get_table_names())
+        if "jobs" in tables and "alembic_version" not in tables:
+            command.stamp(cfg, "0001")
+        command.upgrade(cfg, "head")
 
 
 class JobStore:
-    """Thread-safe: one lock serialises writes; SQLite runs in WAL mode so readers don't block."""
+    """Thread-safe. On SQLite one lock serialises writes (WAL mode: readers don't block); on
+    PostgreSQL transactions and row locks do, across processes."""
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
+    def __init__(self, url: str | Path):
+        if isinstance(url, Path):
+            url = f"sqlite:///{url}"
+        self.url = url
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        self.shared = self.dialect == "postgresql"
+        if self.shared:
+            # pre-ping: after a PostgreSQL restart, stale pooled connections are replaced, not used
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=24)
+            self._lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        else:
+            path = Path(parsed.database or "")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(url, connect_args={"check_same_thread": False})
 
-        @event.listens_for(self.engine, "connect")
-        def _pragmas(dbapi_conn, _record):  # noqa: ANN001
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL: a commit survives a process crash (kill -9); only power loss may lose the last.
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=5000")
-            cur.close()
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(dbapi_conn, _record):  # noqa: ANN001
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL: a commit survives a process crash (kill -9); only power loss may lose the last.
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA busy_timeout=5000")
+                cur.close()
 
-        _set_aside_older_schema(self.engine, path)
-        Base.metadata.create_all(self.engine)
+            _set_aside_older_schema(self.engine, path)
+            self._lock = threading.Lock()
+        migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._lock = threading.Lock()
 
     def session(self) -> Session:
         return self._sessions()
 
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def _notify(self, conn: Connection | Session, job_id: str, seq: int, kind: str) -> None:
+        """Announce an event (delivered when the transaction commits; PostgreSQL only)."""
+        if self.shared:
+            conn.execute(select(func.pg_notify(EVENTS_CHANNEL, f"{job_id}:{seq}")))
+            if kind == "queued":
+                conn.execute(select(func.pg_notify(QUEUE_CHANNEL, job_id)))
+
     # -- jobs ----------------------------------------------------------------------------
     def create(self, capability: str, spec: bytes, priority: int, request_id: str, model_key: str,
                cancel_on_disconnect: bool) -> JobRow:
+        """Raises IntegrityError when ``request_id`` is taken (another front end won the race)."""
         row = JobRow(
             id=uuid.uuid4().hex, capability=capability, state=JobState.QUEUED.value, priority=priority,
             request_id=request_id or None, spec=spec, model_key=model_key,
-            cancel_on_disconnect=cancel_on_disconnect, created=now(),
+            cancel_on_disconnect=cancel_on_disconnect, created=now(), last_seq=0, cancel_requested=False,
+            skips=0, previews_stripped=False,
         )
         with self._lock, self.session() as s:
             s.add(row)
@@ -155,25 +240,130 @@ class JobStore:
         with self.session() as s:
             return list(s.scalars(select(JobRow).where(JobRow.state == state.value).order_by(JobRow.created)))
 
-    def set_state(self, job_id: str, state: JobState, *, error: bytes | None = None) -> JobRow:
-        """Write a state the manager's state machine has checked; ``error`` is a serialized Status."""
-        values: dict = {"state": state.value}
-        if state == JobState.RUNNING:
+    def count(self, state: JobState | str) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == JobState(state).value)) or 0
+
+    def position(self, row: JobRow, max_skips: int) -> int:
+        """Jobs before this queued one: those running, and those queued ahead of it."""
+        jobs = JobRow.__table__
+        effective = jobs.c.priority + jobs.c.skips // max_skips
+        mine = row.priority + row.skips // max_skips
+        earlier = tuple_(jobs.c.created, jobs.c.id) < (row.created, row.id)
+        ahead = or_(effective > mine, and_(effective == mine, earlier))
+        query = select(func.count()).select_from(jobs).where(or_(
+            jobs.c.state == JobState.RUNNING.value, and_(jobs.c.state == JobState.QUEUED.value, ahead)))
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar_one()
+
+    # -- the state machine's writes --------------------------------------------------------
+    def transition(self, job_id: str, new: JobState, expect: JobState, make_event: MakeEvent, kind: str, *,
+                   error: bytes | None = None, worker: str | None = None,
+                   lease_expired_before: datetime | None = None) -> tuple[JobRow, bytes] | None:
+        """Move a job from ``expect`` to ``new`` (a move the manager's state machine has checked) and
+        store its event, in one transaction; None when the job is no longer in ``expect`` (or no
+        longer ``worker``'s, or its lease was renewed): another process moved it first."""
+        jobs, events = JobRow.__table__, EventRow.__table__
+        values: dict[str, Any] = {"state": new.value, "last_seq": jobs.c.last_seq + 1}
+        if new == JobState.RUNNING:
             values["started"] = now()
-        if state in FINAL:
+        if new in FINAL:
             values["ended"] = now()
         if error is not None:
             values["error"] = error
-        jobs = JobRow.__table__
-        with self._lock, self.engine.begin() as conn:  # Core: on every job's path, twice
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
-        row = self.get(job_id)
+        where = [jobs.c.id == job_id, jobs.c.state == expect.value]
+        if worker is not None:
+            where.append(jobs.c.worker == worker)
+        if lease_expired_before is not None:
+            where.append(jobs.c.lease_until < lease_expired_before)
+        with self._lock, self.session() as s, s.begin():
+            seq = s.execute(update(jobs).where(*where).values(**values).returning(jobs.c.last_seq)).scalar()
+            if seq is None:
+                return None
+            row, data = self._event_of_row(s, job_id, seq, make_event)
+            s.execute(insert(events).values(job_id=job_id, seq=seq, kind=kind, data=data))
+            self._notify(s, job_id, seq, kind)
+        return row, data
+
+    def _event_of_row(self, s: Session, job_id: str, seq: int, make_event: MakeEvent) -> tuple[JobRow, bytes]:
+        row = s.get(JobRow, job_id, populate_existing=True)
         assert row is not None
-        return row
+        outputs = list(s.scalars(select(OutputRow).where(OutputRow.job_id == job_id).order_by(OutputRow.index)))
+        return row, make_event(row, outputs, seq)
+
+    def claim(self, worker: str, lease_until: datetime, pick: PickJob, make_event: MakeEvent, *,
+              limit: int, max_skips: int) -> tuple[JobRow, bytes] | None:
+        """Take one queued job for ``worker``: lock up to ``limit`` queued jobs in queue order
+        (effective priority, then arrival) that no other claim holds, let ``pick`` choose among
+        them (the scheduler's affinity look-ahead), and move the chosen one to RUNNING with its
+        ``started`` event, in one transaction. Jobs that arrived before the chosen one age."""
+        jobs, events = JobRow.__table__, EventRow.__table__
+        effective = jobs.c.priority + jobs.c.skips // max_skips
+        queued = and_(jobs.c.state == JobState.QUEUED.value, jobs.c.last_seq > 0)  # its `queued` event is stored
+        with self._lock, self.session() as s, s.begin():
+            candidates = list(s.scalars(
+                select(JobRow).where(queued).order_by(effective.desc(), JobRow.created, JobRow.id)
+                .limit(limit).with_for_update(skip_locked=True)))
+            if not candidates:
+                return None
+            chosen_id, skips = pick(candidates)
+            chosen = next(c for c in candidates if c.id == chosen_id)
+            seq = s.execute(update(jobs).where(jobs.c.id == chosen_id).values(
+                state=JobState.RUNNING.value, started=now(), worker=worker, lease_until=lease_until,
+                last_seq=jobs.c.last_seq + 1).returning(jobs.c.last_seq)).scalar_one()
+            for job in candidates:
+                if job.id != chosen_id and skips.get(job.id, job.skips) != job.skips:
+                    s.execute(update(jobs).where(jobs.c.id == job.id).values(skips=skips[job.id]))
+            # Earlier arrivals outside the window (lower priority) were passed over too; one that
+            # another claim holds right now misses this tick rather than making us wait.
+            older = (select(jobs.c.id).where(queued, tuple_(jobs.c.created, jobs.c.id) < (chosen.created, chosen.id),
+                                             jobs.c.id.not_in([c.id for c in candidates]))
+                     .with_for_update(skip_locked=True))
+            s.execute(update(jobs).where(jobs.c.id.in_(older.scalar_subquery())).values(skips=jobs.c.skips + 1))
+            row, data = self._event_of_row(s, chosen_id, seq, make_event)
+            s.execute(insert(events).values(job_id=chosen_id, seq=seq, kind="started", data=data))
+            self._notify(s, chosen_id, seq, "started")
+        return row, data
+
+    def heartbeat(self, worker: str, job_ids: Sequence[str], lease_until: datetime) -> int:
+        """Renew ``worker``'s lease on the jobs it runs; returns how many it still holds."""
+        if not job_ids:
+            return 0
+        jobs = JobRow.__table__
+        with self._lock, self.engine.begin() as conn:
+            return conn.execute(update(jobs).where(
+                jobs.c.worker == worker, jobs.c.id.in_(list(job_ids)), jobs.c.state == JobState.RUNNING.value,
+            ).values(lease_until=lease_until)).rowcount
+
+    def expired(self, before: datetime) -> list[str]:
+        """Running jobs whose worker stopped renewing its lease (it died, or lost the database)."""
+        jobs = JobRow.__table__
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(jobs.c.id).where(
+                jobs.c.state == JobState.RUNNING.value, jobs.c.lease_until < before)).scalars())
+
+    def running_on(self, worker: str) -> list[str]:
+        jobs = JobRow.__table__
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(jobs.c.id).where(
+                jobs.c.state == JobState.RUNNING.value, jobs.c.worker == worker)).scalars())
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Raise the job's cancel flag (its worker polls it between steps); False once it is over."""
+        jobs = JobRow.__table__
+        with self._lock, self.engine.begin() as conn:
+            return conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state.not_in(_FINAL))
+                                .values(cancel_requested=True)).rowcount > 0
+
+    def cancel_flag(self, job_id: str) -> bool:
+        with self.engine.connect() as conn:
+            return bool(conn.execute(select(JobRow.__table__.c.cancel_requested)
+                                     .where(JobRow.__table__.c.id == job_id)).scalar())
 
     # -- events --------------------------------------------------------------------------
-    def append_event(self, job_id: str, kind: str, build) -> tuple[int, bytes]:
-        """Assign the next seq, let ``build(seq)`` serialise the event, persist it; return (seq, bytes).
+    def append_event(self, job_id: str, kind: str, build: Callable[[int], bytes]) -> tuple[int, bytes] | None:
+        """Assign the next seq, let ``build(seq)`` serialise the event, persist it; return (seq, bytes),
+        or None when the job is already over (a late message from a worker that lost its lease).
 
         The hot path of every progress event, so it uses SQLAlchemy Core in one short transaction
         (an ORM session costs ~30x more per event).
@@ -181,35 +371,51 @@ class JobStore:
         jobs, events = JobRow.__table__, EventRow.__table__
         with self._lock, self.engine.begin() as conn:
             seq = conn.execute(
-                update(jobs).where(jobs.c.id == job_id).values(last_seq=jobs.c.last_seq + 1)
-                .returning(jobs.c.last_seq)
-            ).scalar_one()
+                update(jobs).where(jobs.c.id == job_id, jobs.c.state.not_in(_FINAL))
+                .values(last_seq=jobs.c.last_seq + 1).returning(jobs.c.last_seq)
+            ).scalar()
+            if seq is None:
+                return None
             data = build(seq)
             conn.execute(insert(events).values(job_id=job_id, seq=seq, kind=kind, data=data))
+            self._notify(conn, job_id, seq, kind)
             return seq, data
 
     def strip_previews(self, job_id: str, strip: Callable[[bytes], bytes]) -> int:
         """Rewrite a finished job's preview events with ``strip`` (drops their pixels); returns how many."""
-        events = EventRow.__table__
+        jobs, events = JobRow.__table__, EventRow.__table__
         with self._lock, self.engine.begin() as conn:
             rows = conn.execute(select(events.c.seq, events.c.data).where(
                 events.c.job_id == job_id, events.c.kind == "preview")).all()
             for seq, data in rows:
                 conn.execute(update(events).where(events.c.job_id == job_id, events.c.seq == seq)
                              .values(data=strip(data)))
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(previews_stripped=True))
             return len(rows)
 
+    def ended_with_previews(self, before: datetime) -> list[str]:
+        """Jobs that ended before ``before`` whose previews still carry pixels."""
+        jobs = JobRow.__table__
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(jobs.c.id).where(
+                jobs.c.state.in_(_FINAL), jobs.c.ended < before, jobs.c.previews_stripped.is_(False))).scalars())
+
     def events_after(self, job_id: str, after_seq: int) -> list[bytes]:
-        with self.session() as s:
-            query = (select(EventRow.data).where(EventRow.job_id == job_id, EventRow.seq > after_seq)
-                     .order_by(EventRow.seq))
-            return list(s.scalars(query))
+        events = EventRow.__table__
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(events.c.data).where(events.c.job_id == job_id, events.c.seq > after_seq)
+                                     .order_by(events.c.seq)).scalars())
 
     # -- outputs -------------------------------------------------------------------------
     def add_output(self, job_id: str, index: int, data: bytes) -> None:
+        """Store one output; storing the same one again (a retry after a lost connection) is a no-op."""
         outputs = OutputRow.__table__
-        with self._lock, self.engine.begin() as conn:
-            conn.execute(insert(outputs).values(job_id=job_id, index=index, data=data, approved=False))
+        try:
+            with self._lock, self.engine.begin() as conn:
+                conn.execute(insert(outputs).values(job_id=job_id, index=index, data=data, approved=False))
+        except IntegrityError:
+            if not any(o.index == index for o in self.outputs(job_id)):
+                raise
 
     def outputs(self, job_id: str) -> list[OutputRow]:
         with self.session() as s:
@@ -238,7 +444,3 @@ class JobStore:
         query = query.limit(limit)
         with self.session() as s:
             return [(j, o) for j, o in s.execute(query)]
-
-    def count(self, state: JobState | str) -> int:
-        with self.session() as s:
-            return s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == JobState(state).value)) or 0

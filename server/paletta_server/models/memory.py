@@ -10,7 +10,8 @@ A model's ``Footprint``:
   ``enable_model_cpu_offload``: one component at a time, e.g. the text encoders go back to the CPU
   once the prompt is encoded; a ControlNet stays beside its transformer); 0 = cannot offload;
 - ``working``: activation bytes of one job at a 1024² inference size (scales with the pixels);
-- ``family``: a diffusion family (FLUX schnell / Kontext / Fill / ControlNet, Qwen-Image-Edit).
+- ``family``: a diffusion family (FLUX schnell / Kontext / Fill / ControlNet / dev (identity),
+  Qwen-Image-Edit).
 
 Rules of ``plan`` (budget = bytes models and activations may use; resident models in LRU order):
 1. A family whose budget does not keep two families (``keep_two_families`` false) first evicts the
@@ -71,9 +72,12 @@ def _flux(transformer: float, t5: float, rest: float, working: float, extra: flo
 # 36.4 peak. ControlNet Union-Pro (5 + 10 blocks, 3.3 B parameters): 6.6 GB bf16, ≈ 1.9 NF4.
 # Qwen-Image-Edit: 20.4 B MMDiT (≈ 11.6 NF4, 40.9 bf16) + Qwen2.5-VL-7B (≈ 6.3 NF4 with its bf16
 # embeddings and head, 16.6 bf16) + VAE 0.25; two passes of true CFG, 8 k image tokens at 1024².
+# flux-dev-pipeline (identity's FluxPipeline on FLUX.1-dev) is the same 12 B transformer + T5 + CLIP-L +
+# VAE, so the same footprint (not measured on a GPU: an estimate by analogy); PuLID's CA modules, EVA
+# and the face models are separate registry keys planned beside it.
 ESTIMATES: dict[str, dict[str, Footprint]] = {
     **{key: {"nf4": _flux(7.2, 2.9, 0.4, 3.9), "bf16": _flux(23.8, 9.5, 0.4, 3.0)}
-       for key in ("flux-schnell", "flux-kontext", "flux-fill")},
+       for key in ("flux-schnell", "flux-kontext", "flux-fill", "flux-dev-pipeline")},
     "flux-controlnet-union": {"nf4": _flux(7.2, 2.9, 0.4, 4.2, extra=1.9),
                               "bf16": _flux(23.8, 9.5, 0.4, 3.3, extra=6.6)},
     "qwen-image-edit": {"nf4": Footprint(int(18.2 * GB), int(11.6 * GB), int(4.0 * GB), family=True),

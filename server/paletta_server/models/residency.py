@@ -6,12 +6,13 @@ table, and models the running job uses are pinned against eviction and unloading
 
 Every load follows ``models.memory.plan`` twice: before loading with the best footprint known (the
 measured one after a first load, else the estimate table for the device's quantization; tiny builds
-have none) and again with the measured footprint after loading (on a CPU device the first plan only evicts: offload and refusal
-wait for the measurement, as a local folder may hold other sizes than the table's). A plan evicts (other families
-first, then least recently used), offloads (diffusers model CPU offload, only when the budget needs
-it; the job sees a progress event with stage "offloading"), or refuses: RESOURCE_EXHAUSTED with
-reason MEMORY_BUDGET and metadata model / needed_bytes / budget_bytes. Refusals happen on CUDA and
-whenever a memory cap is set; without a cap the CPU budget is a soft target (evict, never refuse).
+have none) and again with the measured footprint after loading. On a CPU device the first plan only
+evicts: offload and refusal wait for the measurement, as a local folder may hold other sizes than
+the table's. A plan evicts (other families first, then least recently used), offloads (diffusers
+model CPU offload, only when the budget needs it; the job sees a progress event with stage
+"offloading"), or refuses: RESOURCE_EXHAUSTED with reason MEMORY_BUDGET and metadata model /
+needed_bytes / budget_bytes. Refusals happen on CUDA and whenever a memory cap is set; without a
+cap the CPU budget is a soft target (evict, never refuse).
 """
 
 from __future__ import annotations

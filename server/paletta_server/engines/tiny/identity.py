@@ -3,8 +3,8 @@
 - ``antelopev2``: two synthetic ONNX graphs in insightface's layout ``<root>/models/antelopev2/``.
   ``scrfd_10g_bnkps.onnx`` has SCRFD's nine outputs (score, box, five-point landmarks for
   strides 8/16/32, two anchors per cell) on a fixed 128x128 input; only stride 32 fires: a
-  32x32 cell of the detector's input whose mean brightness is above 0.8 in SCRFD's normalised
-  scale (pixels above ~230 after letterboxing) is a face, and a bright cell's bright right and
+  32x32 cell of the detector's input whose mean brightness is above 0.4 in SCRFD's normalised
+  scale (a mean pixel value above ~179 after letterboxing) is a face, and a bright cell's bright right and
   lower neighbours widen its box, so a bright 2x2 block is one 64x64 face and a lone cell a
   32x32 one (largest-face rules are testable). ``glintr100.onnx`` is an ArcFace-shaped
   recogniser (1x3x112x112 → 512): 8x8 average pooling and a seeded random linear map, so
@@ -75,8 +75,8 @@ def _detector() -> object:
             outputs["bbox"].append(rows(node("Concat", [one] * 4, f"box4_{stride}", axis=1), 4, f"bbox_{stride}"))
             outputs["kps"].append(rows(node("Concat", [zero] * 10, f"kps10_{stride}", axis=1), 10, f"kps_{stride}"))
             continue
-        shifted = node("Sub", [pooled, const("threshold", 0.8)], "shifted")
-        bright = node("Sigmoid", [node("Mul", [shifted, const("sharpness", 40.0)], "sharp")], "bright")
+        shifted = node("Sub", [pooled, const("threshold", 0.4)], "shifted")
+        bright = node("Sigmoid", [node("Mul", [shifted, const("sharpness", 100.0)], "sharp")], "bright")
         neighbours = {}
         for name, (row, col) in {"left": (1, 0), "up": (0, 1), "right": (1, 2), "down": (2, 1)}.items():
             kernel = np.zeros((1, 1, 3, 3), dtype=np.float32)
@@ -160,7 +160,12 @@ def pulid_state_dict(seed: int = SEED, ca_count: int = 2) -> dict:
                           output_dim=ID_TOKENS_WIDTH, ff_mult=4.0, vit_dim=EVA_WIDTH, mapping_dim=16,
                           id_in_dim=ARCFACE_DIM + EVA_EMBED)
     modules = PulidModules(shape, ca_count, FLUX_INNER_DIM, 1, ID_TOKENS_WIDTH)
-    with torch.no_grad():  # stronger than default init so the identity visibly moves tiny outputs
+    with torch.no_grad():
+        # Stronger than default init, so that the face (not the learned queries) dominates the
+        # tokens and the tokens visibly move tiny outputs.
+        modules.pulid_encoder.latents.mul_(0.1)
+        for attn, _ff in modules.pulid_encoder.layers:
+            attn.to_out.weight.mul_(6.0)
         for ca in modules.pulid_ca:
             ca.to_out.weight.mul_(4.0)
     return {k: v.contiguous() for k, v in modules.state_dict().items()}
