@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -310,38 +310,81 @@ def styles() -> None:
 # -- the server -----------------------------------------------------------------------------------
 
 
-@app.command("serve", epilog="\b\nExample:\n  paletta serve --profile tiny --port 50051 --token s3cret")
-@click.option("--host", show_default="127.0.0.1 (env PALETTA_HOST)", help="Bind address.")
-@click.option("--port", type=click.IntRange(0, 65535), show_default="50051 (env PALETTA_PORT)",
-              help="Port; 0 picks a free one.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              show_default="$PALETTA_DATA_DIR or the user data folder", help="Jobs, assets and models.")
-@click.option("--profile", type=click.Choice(["fast", "hyper", "quality", "tiny"]),
-              show_default="fast (env PALETTA_PROFILE)", help="Model profile.")
-@click.option("--memory-budget", metavar="SIZE", show_default="all free memory (env PALETTA_MEMORY_BUDGET)",
-              help="Cap on model memory, e.g. 16GiB or bytes: plan and fail as a card of that size would.")
-@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="PEM certificate chain for TLS.")
-@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="PEM private key for TLS.")
-@global_options
-def serve(host: str | None, port: int | None, data_dir: Path | None, profile: str | None,
-          memory_budget: str | None, tls_cert: Path | None, tls_key: Path | None) -> None:
-    """Run the Paletta gRPC server until Ctrl-C; --token (before or after `serve`) requires it on every call."""
-    # Imported here so that client commands never load the server (nor, through it, anything heavy).
+_DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                         show_default="$PALETTA_DATA_DIR or the user data folder", help="Jobs, assets and models.")
+_PROFILE = click.option("--profile", type=click.Choice(["fast", "hyper", "quality", "tiny"]),
+                        show_default="fast (env PALETTA_PROFILE)", help="Model profile.")
+_MEMORY_BUDGET = click.option(
+    "--memory-budget", metavar="SIZE", show_default="all free memory (env PALETTA_MEMORY_BUDGET)",
+    help="Cap on model memory, e.g. 16GiB or bytes: plan and fail as a card of that size would.")
+
+
+def _server_entry(name: str) -> tuple[Callable[..., Any], Callable[[Any], None]]:
+    """(load_config, the entry point ``name``) of the installed server.
+
+    Imported here, so that client commands never load the server (nor, through it, anything heavy).
+    """
     try:
+        from paletta_server import main as server_main  # type: ignore[import-untyped,unused-ignore]
         from paletta_server.config import load_config  # type: ignore[import-untyped,unused-ignore]
-        from paletta_server.main import serve as run_server  # type: ignore[import-untyped,unused-ignore]
     except ImportError as err:
         raise click.ClickException(
             f"the server is not installed ({err.name} is missing): pip install 'paletta[server]'"
         ) from None
+    return load_config, getattr(server_main, name)
+
+
+def _config(load_config: Callable[..., Any], data_dir: Path | None, **values: object) -> Any:
     try:
-        config = load_config(
-            data_dir, host=host, port=port, profile=profile, token=settings().token,
-            tls_cert=tls_cert, tls_key=tls_key, **({"memory_budget": memory_budget} if memory_budget else {}),
-        )
+        return load_config(data_dir, **{k: v for k, v in values.items() if v is not None})
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    run_server(config)
+
+
+@app.command("serve", epilog="\b\nExamples:\n  paletta serve --profile tiny --port 50051 --token s3cret\n"
+                             "  paletta serve --database postgresql+psycopg://paletta@db/paletta --workers 0")
+@click.option("--host", show_default="127.0.0.1 (env PALETTA_HOST)", help="Bind address.")
+@click.option("--port", type=click.IntRange(0, 65535), show_default="50051 (env PALETTA_PORT)",
+              help="Port; 0 picks a free one.")
+@_DATA_DIR
+@_PROFILE
+@_MEMORY_BUDGET
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="PEM certificate chain for TLS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="PEM private key for TLS.")
+@click.option("--database", metavar="URL", show_default="sqlite in the data dir (env PALETTA_DATABASE)",
+              help="Job store: sqlite:///… or postgresql+psycopg://… (shared by front ends and workers).")
+@click.option("--workers", type=click.IntRange(0, 1), show_default="1 (env PALETTA_WORKERS)",
+              help="Device workers in this process: 1 runs jobs here, 0 is a front end only (PostgreSQL).")
+@global_options
+def serve(host: str | None, port: int | None, data_dir: Path | None, profile: str | None,
+          memory_budget: str | None, tls_cert: Path | None, tls_key: Path | None, database: str | None,
+          workers: int | None) -> None:
+    """Run the Paletta gRPC server until Ctrl-C; --token (before or after `serve`) requires it on every call."""
+    load_config, run = _server_entry("serve")
+    run(_config(load_config, data_dir, host=host, port=port, profile=profile, token=settings().token or None,
+                tls_cert=tls_cert, tls_key=tls_key, memory_budget=memory_budget, database=database,
+                workers=workers))
+
+
+@app.command("worker", epilog="\b\nExample:\n  paletta worker --database postgresql+psycopg://paletta@db/paletta "
+                              "--device cuda:0 --data-dir /shared/paletta")
+@click.option("--database", metavar="URL", required=True,
+              help="The shared PostgreSQL job store, postgresql+psycopg://… (env PALETTA_DATABASE).",
+              envvar="PALETTA_DATABASE")
+@click.option("--device", metavar="DEVICE", show_default="the first GPU, else cpu (env PALETTA_DEVICE)",
+              help="cpu, cuda or cuda:N: the device this worker owns.")
+@_DATA_DIR
+@_PROFILE
+@_MEMORY_BUDGET
+@click.option("--lease-seconds", type=click.FloatRange(1, 3600), show_default="10 (env PALETTA_LEASE_SECONDS)",
+              help="A worker silent this long is presumed dead: its running job ends FAILED / INTERRUPTED.")
+@global_options
+def worker(database: str, device: str | None, data_dir: Path | None, profile: str | None,
+           memory_budget: str | None, lease_seconds: float | None) -> None:
+    """Run one device worker on a shared PostgreSQL queue until Ctrl-C (one per GPU, any machine)."""
+    load_config, run = _server_entry("worker")
+    run(_config(load_config, data_dir, database=database, device=device, profile=profile,
+                memory_budget=memory_budget, lease_seconds=lease_seconds))
 
 
 # -- entry point ----------------------------------------------------------------------------------
