@@ -451,7 +451,7 @@ def test_every_command_has_help_with_an_example():
     assert {c[0] for c in commands} >= {
         "generate", "edit", "inpaint", "outpaint", "qwen-edit", "control", "upscale", "remove-bg", "segment",
         "detect", "ground", "caption", "analyze", "expand", "pipeline", "identity", "status", "models", "styles",
-        "serve"}
+        "serve", "worker"}
     for command in commands:
         result = runner.invoke(cli.app, [*command, "--help"])
         assert result.exit_code == 0 and re.search(r"Example:\n    .*paletta ", result.stdout), command

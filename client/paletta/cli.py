@@ -341,7 +341,7 @@ def _config(load_config: Callable[..., Any], data_dir: Path | None, **values: ob
         raise click.UsageError(str(err)) from None
 
 
-@app.command("serve", epilog="\b\nExamples:\n  paletta serve --profile tiny --port 50051 --token s3cret\n"
+@app.command("serve", epilog="\b\nExample:\n  paletta serve --profile tiny --port 50051 --token s3cret\n"
                              "  paletta serve --database postgresql+psycopg://paletta@db/paletta --workers 0")
 @click.option("--host", show_default="127.0.0.1 (env PALETTA_HOST)", help="Bind address.")
 @click.option("--port", type=click.IntRange(0, 65535), show_default="50051 (env PALETTA_PORT)",

@@ -137,6 +137,8 @@ def _set_aside_older_schema(engine, path: Path) -> None:  # noqa: ANN001
 def migrate(engine) -> None:  # noqa: ANN001
     """Bring the schema to Alembic's head; a store made before migrations (no version table) is
     recognised as revision 0001 first."""
+    # Alembic narrates every plugin (at import) and step at INFO; the server's log keeps one line per job.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     from alembic import command
     from alembic.config import Config as AlembicConfig
 
