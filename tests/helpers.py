@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import grpc
+import numpy as np
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from PIL import Image
@@ -75,3 +76,19 @@ def png_bytes(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (2
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def face_photo(seed: int = 1, small_face: bool = True) -> Image.Image:
+    """256² black photo with a 128² face (a bright 2x2 block for the tiny detector) and, optionally,
+    a 64² one in the top-right corner. Faces are stripes of 150 / 255 (mean above the detector's
+    threshold), vertical for odd seeds and horizontal for even ones, plus seeded noise: the seed
+    changes the ArcFace embedding and the crop."""
+    rng = np.random.default_rng(seed)
+    stripes = np.where((np.arange(128) // 4) % 2 == 0, 255, 150)
+    pattern = np.tile(stripes, (128, 1)) if seed % 2 else np.tile(stripes[:, None], (1, 128))
+    texture = np.clip(pattern[..., None] - rng.integers(0, 12, (128, 128, 3)), 0, 255).astype(np.uint8)
+    rgb = np.zeros((256, 256, 3), np.uint8)
+    rgb[64:192, 64:192] = texture
+    if small_face:
+        rgb[0:64, 192:256] = texture[::2, ::2]
+    return Image.fromarray(rgb, "RGB")

@@ -26,28 +26,12 @@ from paletta.v1 import image_pb2, job_pb2, job_spec_pb2, pipeline_service_pb2_gr
 from paletta.v1 import system_service_pb2 as sys_pb
 from paletta.v1 import system_service_pb2_grpc as sys_grpc
 from paletta_server.errors import ModelUnavailable
-from tests.helpers import collect, download_image, error_reason, field_violations, kinds
+from tests.helpers import collect, download_image, error_reason, face_photo, field_violations, kinds
 from tests.test_diffusion_engines import Models, Sink
 
 IDENTITY_KEYS = {"flux-dev-pipeline", "pulid-flux", "antelopev2", "eva02-clip-l-336", "facexlib-parsing"}
 QUICK = dict(prompt="portrait of a knight", width=64, height=64, steps=2, seed=5)
 DEV = dict(prompt="portrait of a knight", width=64, height=64, steps=4, seed=3, guidance=4.0)
-
-
-def face_photo(seed: int = 1, small_face: bool = True) -> Image.Image:
-    """256² black photo with a 128² face (a bright 2x2 block for the tiny detector) and, optionally,
-    a 64² one in the top-right corner. Faces are stripes of 150 / 255 (mean above the detector's
-    threshold), vertical for odd seeds and horizontal for even ones, plus seeded noise: the seed
-    changes the ArcFace embedding and the crop."""
-    rng = np.random.default_rng(seed)
-    stripes = np.where((np.arange(128) // 4) % 2 == 0, 255, 150)
-    pattern = np.tile(stripes, (128, 1)) if seed % 2 else np.tile(stripes[:, None], (1, 128))
-    texture = np.clip(pattern[..., None] - rng.integers(0, 12, (128, 128, 3)), 0, 255).astype(np.uint8)
-    rgb = np.zeros((256, 256, 3), np.uint8)
-    rgb[64:192, 64:192] = texture
-    if small_face:
-        rgb[0:64, 192:256] = texture[::2, ::2]
-    return Image.fromarray(rgb, "RGB")
 
 
 def encode(image: Image.Image) -> bytes:

@@ -27,6 +27,7 @@ from paletta_webui.logic import asset_url, data_url, spec_summary
 from paletta_webui.mask_editor import MaskEditor
 from paletta_webui.page import default_client, make_root
 from tests.conftest import link_tiny_models
+from tests.helpers import face_photo
 
 
 def png(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 30, 60)) -> bytes:
@@ -205,6 +206,38 @@ async def test_control_sends_type_scale_and_server_preprocessing(page):
     assert round(spec.control_scale, 2) == 0.5
 
 
+async def test_identity_sends_the_face_and_shows_the_face_box_and_crop(page):
+    user, sdk = page
+    fill(user, mode="identity")
+    await user.should_see("Face photo")  # the input image slot is the face
+    await user.should_not_see(marker="slot-image_prompt")
+    assert one(user, "field-guidance").value == 4.0 and one(user, "field-id_strength").value == 1.0
+    buf = io.BytesIO()
+    face_photo(1).save(buf, format="PNG")  # two faces the tiny detector finds: 128² and 64²
+    face = await give_image(user, buf.getvalue())
+    fill(user, prompt="portrait of a knight", width=64, height=64, steps=2, seed=5, id_strength=0.8, start_step=1,
+         face_index=1)
+    with user:
+        one(user, "style-tarot").value = True
+    job = await run(user, sdk)
+    spec = job.spec.identity
+    assert (spec.face.asset, spec.prompt, spec.width, spec.height, spec.steps, spec.seed) == (
+        face, "portrait of a knight", 64, 64, 2, 5)
+    assert (round(spec.id_strength, 2), spec.start_step, spec.face_index) == (0.8, 1, 1)
+    assert (round(spec.guidance, 1), round(spec.true_cfg, 1), spec.HasField("negative_prompt")) == (4.0, 1.0, False)
+    assert [s.name for s in spec.styles] == ["tarot"]
+    result = job.outputs[0].face_identity
+    box = result.box
+    assert (result.face_index, result.faces_found) == (1, 2)
+    await user.should_see(f"face 2 of 2 · score {result.score:.2f} at ({box.x_min:.0f}, {box.y_min:.0f}) "
+                          f"{box.x_max - box.x_min:.0f}×{box.y_max - box.y_min:.0f}")
+    await user.should_see(marker=f"face-crop-{job.name}-0")
+    assert asset_url(result.face_crop) in shown_sources(user)
+    # as a pipeline step the face goes with the step (never chained)
+    user.find("Add the form as a step").click()
+    await user.should_see("1. identity: portrait of a knight")
+
+
 async def test_upscale_sends_upscaler_and_scale(page):
     user, sdk = page
     fill(user, mode="upscale")
@@ -325,7 +358,7 @@ async def test_styles_are_disabled_with_the_reason_in_modes_that_refuse_them(pag
     user, _ = page
     await user.should_see(marker="style-tarot")
     fill(user, mode="inpaint")
-    await user.should_see("Inpaint refuses styles: they apply to Generate and Edit (Kontext) only.")
+    await user.should_see("Inpaint refuses styles: they apply to Generate, Edit (Kontext) and Identity (PuLID) only.")
     assert not one(user, "style-tarot").enabled
     await user.should_see("trigger: “in the style of TOK a trtcrd tarot style”")
 
@@ -453,12 +486,18 @@ async def test_unreachable_server_shows_the_banner_and_reconnects(tmp_path, tiny
 
 
 def test_mode_table_reads_the_proto_defaults():
-    assert modes.MODES["edit"].styles and modes.MODES["generate"].styles
-    assert not any(m.styles for k, m in modes.MODES.items() if k not in ("generate", "edit"))
+    assert modes.MODES["edit"].styles and modes.MODES["generate"].styles and modes.MODES["identity"].styles
+    assert not any(m.styles for k, m in modes.MODES.items() if k not in ("generate", "edit", "identity"))
     guidance = {k: f.default for k, m in modes.MODES.items() for f in m.fields if f.name == "guidance"}
     assert guidance == {"generate": None, "edit": 2.5, "inpaint": 30.0, "outpaint": 30.0, "qwen_edit": 4.0,
-                        "control": 3.5}
+                        "control": 3.5, "identity": 4.0}
     assert modes.error_slot("styles[0].weight") == "styles"
     assert modes.error_slot("image_prompt.weight") == "image_prompt"
     assert modes.error_slot("steps[1].inpaint.mask") == "pipeline"
     assert modes.error_slot("steps") == "steps"
+    assert modes.error_slot("face") == "image"  # identity's face photo is the input image slot
+    # an identity step keeps its face (never taken from the pipeline)
+    step = modes.step_spec(modes.MODES["identity"], modes.Inputs(prompt="a knight", image="assets/f"), {})
+    assert (step.identity.face.asset, step.identity.prompt) == ("assets/f", "a knight")
+    assert modes.missing_inputs(modes.MODES["identity"], modes.Inputs(prompt="x")) == {
+        "image": "Add a face photo first (pick, drop or paste one)"}

@@ -26,7 +26,7 @@ class ImageSlot:
         with ui.column().classes("w-full gap-1 paletta-drop") as self.root:
             self.root.props(f"data-slot={slot}").mark(f"slot-{slot}")
             with ui.row().classes("w-full items-center justify-between no-wrap"):
-                ui.label(title).classes("text-sm font-medium")
+                self.title = ui.label(title).classes("text-sm font-medium").mark(f"title-{slot}")
                 self.clear_button = ui.button(icon="close", on_click=self.clear).props(
                     f'flat dense round aria-label="Clear {title}"'
                 )

@@ -21,6 +21,7 @@ from paletta.v1 import (
     detect_pb2,
     edit_pb2,
     generate_pb2,
+    identity_pb2,
     image_pb2,
     inpaint_pb2,
     job_spec_pb2,
@@ -70,6 +71,11 @@ class Mode:
     prompt_required: bool = True
     styles: bool = False
     image_prompt: bool = False
+    # The input image slot's title; identity's image is the face photo, not a picture to change.
+    image_label: str = "Input image"
+    # The request field a pipeline step keeps the input image in, for a mode whose image is never
+    # taken from the pipeline (identity's ``face``); empty: the step takes the pipeline's image.
+    step_image: str = ""
 
     @property
     def needs_image(self) -> bool:
@@ -145,6 +151,25 @@ MODES: dict[str, Mode] = {
                 Field("height", "Height", min=16, max=2048, step=16, hint="empty: the control image's"),
                 Field("guidance", "Guidance", kind="float", default=3.5, min=0, max=20, step=0.5, hint="0–20"),
                 _steps(), SEED, VARIANTS, UPSCALER,
+            ),
+        ),
+        Mode(
+            "identity", "Identity (PuLID)", "identity", ("image", "prompt"), prompt="Prompt", styles=True,
+            image_label="Face photo", step_image="face",
+            fields=(
+                Field("id_strength", "ID strength", kind="float", default=1.0, min=0, max=2, step=0.05,
+                      hint="0–2 (0: plain FLUX.1-dev; 0.7–1.2 suggested)"),
+                Field("start_step", "ID start step", default=0, min=0, max=99,
+                      hint="0 to steps − 1; later: more editable"),
+                Field("face_index", "Face", default=0, min=0, hint="0: the largest face, 1: the next…"),
+                Field("guidance", "Guidance", kind="float", default=4.0, min=0, max=20, step=0.5, hint="0–20"),
+                Field("true_cfg", "True CFG", kind="float", default=1.0, min=1, max=10, step=0.5,
+                      hint="1–10; 1: off (above 1: twice the compute)"),
+                Field("negative_prompt", "Negative prompt (true CFG > 1 only)", kind="text",
+                      hint="empty: PuLID's default"),
+                Field("width", "Width", min=16, max=2048, step=16, hint="multiple of 16, empty: 1024"),
+                Field("height", "Height", min=16, max=2048, step=16, hint="multiple of 16, empty: 1024"),
+                _steps("20"), SEED, VARIANTS,
             ),
         ),
         Mode(
@@ -242,7 +267,8 @@ def missing_inputs(mode: Mode, inputs: Inputs) -> dict[str, str]:
     """Slot → message for the inputs a mode needs that are not there yet."""
     missing = {}
     if mode.needs_image and not inputs.image:
-        missing["image"] = "Add an input image first (pick, drop or paste one)"
+        what = "an input image" if mode.image_label == "Input image" else f"a {mode.image_label.lower()}"
+        missing["image"] = f"Add {what} first (pick, drop or paste one)"
     if mode.needs_mask and not inputs.mask:
         missing["mask"] = "Paint a mask over the image, or make one with Auto-mask"
     if mode.needs_control and not inputs.control:
@@ -290,6 +316,7 @@ _REQUESTS: dict[str, type[Message]] = {
     "outpaint": inpaint_pb2.OutpaintRequest,
     "qwen_edit": qwen_edit_pb2.QwenEditServiceEditRequest,
     "control": control_pb2.ControlRequest,
+    "identity": identity_pb2.IdentityServiceGenerateRequest,
     "upscale": upscale_pb2.UpscaleRequest,
     "remove_background": background_pb2.RemoveBackgroundRequest,
     "segment": segment_pb2.SegmentRequest,
@@ -308,7 +335,8 @@ _ENUMS = {
 
 def step_spec(mode: Mode, inputs: Inputs, values: Mapping[str, Any]) -> job_spec_pb2.JobSpec:
     """The form as one pipeline step. Its image (and an inpaint step's mask) stay unset, so the step
-    takes the pipeline's current image and mask; the IP-Adapter image and control image are kept."""
+    takes the pipeline's current image and mask; the IP-Adapter image, the control image and an
+    identity step's face (never chained) are kept."""
     request = _REQUESTS[mode.key]()
     if mode.prompt:
         request.prompt = inputs.prompt  # type: ignore[attr-defined]
@@ -337,6 +365,8 @@ def step_spec(mode: Mode, inputs: Inputs, values: Mapping[str, Any]) -> job_spec
             request.image_prompt.weight = inputs.image_prompt_weight  # type: ignore[attr-defined]
     if mode.needs_control and inputs.control:
         request.control_image.asset = inputs.control  # type: ignore[attr-defined]
+    if mode.step_image and inputs.image:
+        getattr(request, mode.step_image).asset = inputs.image
     spec = job_spec_pb2.JobSpec()
     getattr(spec, mode.key).CopyFrom(request)
     return spec
@@ -344,8 +374,9 @@ def step_spec(mode: Mode, inputs: Inputs, values: Mapping[str, Any]) -> job_spec
 
 def error_slot(field_path: str) -> str:
     """The page element a BadRequest field names: ``styles[0].weight`` → ``styles``,
-    ``image_prompt.weight`` → ``image_prompt``, ``steps[1].inpaint.mask`` → ``pipeline``."""
+    ``image_prompt.weight`` → ``image_prompt``, ``steps[1].inpaint.mask`` → ``pipeline``,
+    identity's ``face`` → ``image`` (the face photo is the input image slot)."""
     if field_path.startswith("steps["):
         return "pipeline"
     root = field_path.split(".", 1)[0].split("[", 1)[0]
-    return {"text": "text", "queries": "queries"}.get(root, root)
+    return {"text": "text", "queries": "queries", "face": "image"}.get(root, root)

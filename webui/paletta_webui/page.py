@@ -120,6 +120,7 @@ class Workstation:
         self.prompt_box.set_visibility(bool(mode.prompt))
         self.prompt.props(f'label="{mode.prompt or "Prompt"}"')
         self.input.root.set_visibility(mode.needs_image)
+        self.input.title.text = mode.image_label
         self.input.set_masking(mode.needs_mask)
         self.ip_box.set_visibility(mode.image_prompt)
         self.control_slot.root.set_visibility(mode.needs_control)
@@ -185,6 +186,10 @@ class Workstation:
         inputs = self.inputs()
         if self.mode.prompt and self.mode.prompt_required and not inputs.prompt.strip():
             self.show_errors({"prompt": "Write a prompt first"})
+            return None
+        missing = modes.missing_inputs(self.mode, inputs)
+        if self.mode.step_image and "image" in missing:  # identity's face is part of the step
+            self.show_errors({"image": missing["image"]})
             return None
         return modes.step_spec(self.mode, inputs, self.values())
 

@@ -121,6 +121,16 @@ class OutputCard:
             )
         elif isinstance(result, paletta.Segmentation):
             ui.label(f"coverage {result.coverage:.0%}").classes("text-sm")
+        elif isinstance(result, paletta.FaceIdentity):
+            with ui.row().classes("w-full items-center no-wrap gap-2"):
+                ui.image(asset_url(result.face_crop)).classes("w-16 h-16 shrink-0").props(
+                    'alt="face crop" no-spinner fit=contain'
+                ).mark(f"face-crop-{self.view.name}-{output.index}")
+                box = result.box
+                ui.label(
+                    f"face {result.face_index + 1} of {result.faces_found} · score {result.score:.2f} at "
+                    f"({box.x_min:.0f}, {box.y_min:.0f}) {box.width:.0f}×{box.height:.0f}"
+                ).classes("text-sm")
 
     async def approve(self, index: int, approved: bool) -> None:
         try:

@@ -49,9 +49,8 @@ class StylesPanel:
 
     def set_mode(self, mode: Mode) -> None:
         allowed = mode.styles
-        self.reason.text = "" if allowed else (
-            f"{mode.label} refuses styles: they apply to {' and '.join(STYLE_MODES)} only."
-        )
+        allowed_in = ", ".join(STYLE_MODES[:-1]) + " and " + STYLE_MODES[-1] if len(STYLE_MODES) > 1 else STYLE_MODES[0]
+        self.reason.text = "" if allowed else f"{mode.label} refuses styles: they apply to {allowed_in} only."
         for element in [*self.chosen.values(), *self.weights.values()]:
             element.set_enabled(allowed)
         self.error.text = ""
