@@ -110,7 +110,8 @@ def resolve_image(ctx: PrepareContext, ref: image_pb2.ImageRef, field_name: str,
 
 
 def check_styles(v: Violations, ctx: PrepareContext, styles: Any, allowed: bool, mode: str) -> None:
-    """Styles apply to generate and Kontext edit only; elsewhere they are refused, never ignored."""
+    """Styles apply to FLUX pipelines that take LoRAs (generate, Kontext edit, identity); elsewhere they
+    are refused, never ignored."""
     if not styles:
         return
     if not allowed:
