@@ -280,6 +280,7 @@ def test_pipeline_from_stdin_labels_progress_by_step(live, sdk, tmp_path):
     lines = result.stderr.splitlines()
     assert any(line.startswith("paletta: step 1/3 generate · denoising ") for line in lines)
     assert any(line.startswith("paletta: step 3/3 inpaint · denoising ") for line in lines)
+    assert lines[-1] == "paletta: 3/3 steps done" and not any("step 4/3" in line for line in lines)
     # The generate image, the mask (with its coverage) and the inpainted image, numbered in order.
     written = [line for line in result.stdout.splitlines() if line.startswith(str(tmp_path))]
     assert written == [str(tmp_path / n) for n in ("chain.png", "chain-1.png", "chain-2.png")]

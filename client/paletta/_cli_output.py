@@ -146,8 +146,10 @@ def describe_progress(p: results.Progress, context: JobContext) -> str:
     """A person's label for a progress update, e.g. "step 2/3 inpaint · variant 1/2 · denoising"."""
     parts: list[str] = []
     if p.pipeline_step is not None and context.pipeline_steps:
-        name = context.pipeline_steps[p.pipeline_step] if p.pipeline_step < len(context.pipeline_steps) else ""
-        parts.append(f"step {p.pipeline_step + 1}/{len(context.pipeline_steps)} {name}".rstrip())
+        total = len(context.pipeline_steps)
+        if p.pipeline_step >= total:  # the pipeline's last progress: every step has run
+            return f"{total}/{total} steps done"
+        parts.append(f"step {p.pipeline_step + 1}/{total} {context.pipeline_steps[p.pipeline_step]}")
     if context.variants > 1 and p.stage not in ("queued", "pipeline"):
         parts.append(f"variant {min(p.variant + 1, context.variants)}/{context.variants}")
     if p.stage == "queued":
