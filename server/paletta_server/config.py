@@ -62,10 +62,6 @@ class Config:
     lease_seconds: float = 10.0
 
     @property
-    def db_path(self) -> Path:
-        return self.data_dir / "paletta.db"
-
-    @property
     def assets_dir(self) -> Path:
         return self.data_dir / "assets"
 

@@ -56,6 +56,15 @@ def check_size(v: Violations, value: int, max_edge: int, field_name: str) -> Non
         v.add(field_name, f"must be at most {max_edge} in this profile, got {value}")
 
 
+def default_size(v: Violations, request: Any, default_edge: int, max_edge: int) -> None:
+    """Fill unset optional width / height with the default edge (capped to the profile's); check set ones."""
+    for name in ("width", "height"):
+        if not request.HasField(name):
+            setattr(request, name, min(default_edge, max_edge))
+        else:
+            check_size(v, getattr(request, name), max_edge, name)
+
+
 def default_count(v: Violations, request: Any, field_name: str, default: int, hi: int) -> None:
     """Fill an unset optional count (steps, variants) with its default; refuse 0 and values outside [1, hi]."""
     if not request.HasField(field_name):

@@ -17,12 +17,7 @@ DEFAULT_STEPS = 4  # schnell is distilled for 1-4 steps
 def prepare(request: generate_pb2.GenerateRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     common.check_prompt(v, request.prompt)
-    max_edge = ctx.profile.max_generate_edge
-    for name in ("width", "height"):
-        if not request.HasField(name):
-            setattr(request, name, min(DEFAULT_EDGE, max_edge))
-        else:
-            common.check_size(v, getattr(request, name), max_edge, name)
+    common.default_size(v, request, DEFAULT_EDGE, ctx.profile.max_generate_edge)
     common.default_steps(v, request, DEFAULT_STEPS)
     common.default_variants(v, request)
     if request.HasField("guidance"):

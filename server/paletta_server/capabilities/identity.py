@@ -43,12 +43,7 @@ def prepare(request: pb.IdentityServiceGenerateRequest, ctx: PrepareContext) -> 
     v = common.Violations()
     diffusion_io.input_image(v, ctx, request.face, "face")
     common.check_prompt(v, request.prompt)
-    max_edge = ctx.profile.max_generate_edge
-    for name in ("width", "height"):
-        if not request.HasField(name):
-            setattr(request, name, min(DEFAULT_EDGE, max_edge))
-        else:
-            common.check_size(v, getattr(request, name), max_edge, name)
+    common.default_size(v, request, DEFAULT_EDGE, ctx.profile.max_generate_edge)
     common.default_steps(v, request, default_steps(ctx.profile))
     common.default_variants(v, request)
     if request.HasField("guidance"):
@@ -100,10 +95,10 @@ def run(request: pb.IdentityServiceGenerateRequest, ctx: RunContext) -> None:
     features = face_engine.face_features_image(ctx.model(PARSING), face_engine.align_face(photo, face.landmarks))
     crop = ctx.assets.put_image(face_engine.to_pil(features), {
         "capability": "identity", "job": ctx.job_name, "face": request.face.asset, "face_index": index})
-    identity = pulid.identity_tokens(ctx.model(PULID), ctx.model(EVA), features, face.embedding)
+    modules = ctx.model(PULID)
+    identity = pulid.identity_tokens(modules, ctx.model(EVA), features, face.embedding)
     ctx.check_cancelled()
 
-    modules = ctx.model(PULID)
     pipe = ctx.model(MODEL)
     style_engine.ensure_acceleration(pipe, common.acceleration_lora(ctx))
     strength = request.id_strength if request.HasField("id_strength") else DEFAULT_STRENGTH

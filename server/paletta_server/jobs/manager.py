@@ -369,10 +369,8 @@ class JobManager:
             if active is not None and not self.shared:
                 active.state = new
             self._publish(job_id, _parse(done[1]))
-        if new.final:
-            self._output_errors.pop(job_id, None)
-            if not self.shared:
-                self._forget_later(job_id)
+        if new.final and not self.shared:
+            self._forget_later(job_id)
         return True
 
     def _forget_later(self, job_id: str, delay: float = LIVE_LOG_S) -> None:
@@ -477,10 +475,6 @@ class JobManager:
         active = self._active.get(job_id)
         return active is not None and active.cancel_requested
 
-    def wake_worker(self) -> None:
-        with self._cv:
-            self._cv.notify_all()
-
     # -- shared mode: what a PostgresLink asks of the recorder ---------------------------------
     def claim(self, worker: str, resident: Callable[[str], bool]) -> msg.Assignment | None:
         """Claim the next job for ``worker`` from the shared queue: the scheduler's policy
@@ -518,7 +512,10 @@ class JobManager:
         """A running job whose worker is gone (or stopping) fails with INTERRUPTED; it never runs twice."""
         done = self._transition(job_id, JobState.FAILED, to_status(Interrupted(reason)), expect=JobState.RUNNING,
                                 worker=worker, lease_expired_before=lease_expired_before)
-        self._claimed.pop(job_id, None)
+        if done or worker is not None:
+            # A refused compare-and-set with no worker named is the janitor finding the lease renewed
+            # meanwhile: the job is still this process's to renew, so it stays claimed.
+            self._claimed.pop(job_id, None)
         if done:
             log.warning("job %s interrupted: %s", job_id, reason)
         return done
@@ -532,8 +529,7 @@ class JobManager:
                 for job_id in self.store.expired(moment):
                     self.interrupt(job_id, "its worker stopped renewing its lease (it died or lost the database)",
                                    lease_expired_before=moment)
-                for job_id in self.store.ended_with_previews(moment - timedelta(seconds=LIVE_LOG_S)):
-                    self.store.strip_previews(job_id, _without_jpeg)
+                self.strip_ended_previews()
             except Exception as exc:  # the database is away: try again next period
                 log.warning("janitor: %s", exc)
 
@@ -594,7 +590,7 @@ class JobManager:
         self.emit(message.job_id, "output", output)
 
     def _finish(self, message: msg.Finished) -> None:
-        error = message.error or self._output_errors.get(message.job_id)
+        error = message.error or self._output_errors.pop(message.job_id, None)
         state = (JobState.SUCCEEDED if error is None
                  else JobState.CANCELLED if error.code == CANCELLED_CODE else JobState.FAILED)
         worker = self._claimed.get(message.job_id)

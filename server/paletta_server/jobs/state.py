@@ -1,7 +1,8 @@
 """The one job state machine: the states a job can be in and the moves between them.
 
-Every state change goes through ``JobManager._transition``, which checks it here, persists it
-and emits its event; nothing else writes a job's state.
+Every state change is checked here: ``JobManager._transition`` checks, persists and emits it,
+and in shared mode ``JobManager.claim`` (a worker taking a job from the PostgreSQL queue, QUEUED →
+RUNNING with its ``started`` event in the claim's transaction) checks the same edge.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ class JobState(StrEnum):
 
 FINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
-# QUEUED → FAILED happens when a restart finds a job it can no longer run; RUNNING → QUEUED never:
-# a job interrupted by a crash fails (INTERRUPTED) rather than running twice.
+# RUNNING → QUEUED never: a job interrupted by a crash fails (INTERRUPTED) rather than running twice.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
     JobState.RUNNING: FINAL,
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),

@@ -145,5 +145,5 @@ def build_style(path: Path, name: str) -> None:
 
 
 def build_lora(folder: Path, weight_name: str = "Hyper-FLUX.1-dev-8steps-lora.safetensors") -> None:
-    """The registry's hyper-sd key (a LoRA file in a folder); style LoRAs use ``write_lora`` directly."""
+    """The registry's hyper-sd key (a LoRA file in a folder); style LoRAs use ``build_style``."""
     write_lora(Path(folder) / weight_name, name_seed(weight_name))
