@@ -93,7 +93,7 @@ FULL = {  # FLUX.1 component shapes (shared/notes/gpu.md)
     "qwen_vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                         fullatt_block_indexes=[7, 15, 23, 31]),
 }
-MEMORY_KINDS = ("generate", "edit", "inpaint", "control", "qwen_edit")
+MEMORY_KINDS = ("generate", "edit", "inpaint", "control", "identity", "qwen_edit")
 log = logging.getLogger("paletta.bench.gpu")
 
 
@@ -622,7 +622,8 @@ async def _measure_alone(res: Results, prefix: str, server: Server, kind: str, a
 
 
 # -- the memory cap: every capability on an emulated 16 GB card ---------------------------------------
-MEMORY_KEYS = ("flux-dev", "flux-controlnet-union", "qwen-image-edit")
+MEMORY_KEYS = ("flux-dev", "flux-controlnet-union", "qwen-image-edit", "pulid-flux", "antelopev2", "eva02-clip-l-336",
+               "facexlib-parsing")
 
 
 def build_memory_folders(res: Results, work: Path, size: str, folders: dict[str, Path]) -> dict[str, Path]:
@@ -658,6 +659,37 @@ def build_full_controlnet(res: Results, work: Path, folder: Path) -> None:
     folder.symlink_to(dest, target_is_directory=True)
 
 
+def build_full_identity(res: Results, work: Path, extra: dict[str, Path]) -> None:
+    """Full-size PuLID-FLUX v0.9.1 modules (IDFormer + 20 cross-attention layers on FLUX's 3072-wide
+    tokens) and EVA02-CLIP-L-336 into the identity folders, in the real file layouts. The face
+    detector, ArcFace and the parser stay tiny: they cost milliseconds and megabytes at any size."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from paletta_server.engines.pulid import EVA_ARCHITECTURE, IDFormerShape, PulidModules
+
+    start = time.perf_counter()
+    with torch.device("cuda"):
+        modules = PulidModules(IDFormerShape(), 20, 3072, 16, 2048).to(torch.bfloat16)
+        eva = timm.create_model(EVA_ARCHITECTURE, pretrained=False, num_classes=768).to(torch.bfloat16)
+    pulid_params = sum(p.numel() for p in modules.parameters())
+    eva_params = sum(p.numel() for p in eva.parameters())
+    save_file({k: v.contiguous() for k, v in modules.state_dict().items()},
+              str(extra["pulid-flux"] / "pulid_flux_v0.9.1.safetensors"))
+    save_file({f"visual.trunk.{k}": v.contiguous() for k, v in eva.state_dict().items() if "rope" not in k},
+              str(extra["eva02-clip-l-336"] / "open_clip_model.safetensors"))
+    (extra["eva02-clip-l-336"] / "config.json").write_text(json.dumps({
+        "architecture": EVA_ARCHITECTURE, "num_classes": 768,
+        "pretrained_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                           "std": [0.26862954, 0.26130258, 0.27577711], "input_size": [3, 336, 336]},
+    }))
+    del modules, eva
+    res.put("build.identity", {"pulid_params": pulid_params, "eva_params": eva_params,
+                               "seconds": time.perf_counter() - start})
+    res.say(f"built full-size PuLID modules ({pulid_params / 1e9:.2f} B) and EVA02-L ({eva_params / 1e9:.2f} B)")
+
+
 def build_full_qwen(res: Results, work: Path, folder: Path) -> None:
     """Free the FLUX weights from the tmpfs first (Qwen's 57 GB would not fit beside them)."""
     shutil.rmtree(work / "full", ignore_errors=True)
@@ -675,7 +707,11 @@ async def memory_job(res: Results, server: Server, kind: str, args: argparse.Nam
     """One job at ``--res`` under the cap: pass/fail with the reason, peak memory, s/step, offload, evictions."""
     client, size, steps = server.client, args.res, args.memory_steps
     picture = Image.fromarray(photo_like(size), "RGB")
-    if kind != "generate":
+    if kind == "identity":
+        from tests.helpers import face_photo  # a face the (tiny) InsightFace detector finds
+
+        face_asset = (await client.upload(face_photo(small_face=False))).name
+    elif kind != "generate":
         asset = (await client.upload(picture)).name
     if kind == "inpaint":
         mask = Image.new("L", (size, size), 0)
@@ -687,6 +723,7 @@ async def memory_job(res: Results, server: Server, kind: str, args: argparse.Nam
         "inpaint": lambda: client.inpaint(asset, mask_asset, FILL_PROMPT, steps=steps, seed=1),
         "control": lambda: client.control(asset, PROMPT, "canny", preprocess="canny", steps=steps, seed=1),
         "qwen_edit": lambda: client.qwen_edit(asset, EDIT_PROMPT, steps=steps, seed=1),
+        "identity": lambda: client.identity(face_asset, PROMPT, width=size, height=size, steps=steps, seed=1),
     }
     await asyncio.to_thread(_reset_peak)
     wall0, t0 = time.time(), time.perf_counter()
@@ -783,6 +820,7 @@ async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, f
                 need = est["memory_job"]
                 if args.size == "full":
                     need += {"inpaint": est["build_fill"], "control": est["build_control"],
+                             "identity": est["build_identity"],
                              "qwen_edit": est["build_qwen"] + est["qwen_job"] - est["memory_job"]}.get(kind, 0)
                 if not fits(res, args, f"memory.{kind}", need):
                     continue
@@ -793,6 +831,9 @@ async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, f
                 if args.size == "full" and kind == "control" and not await stage(
                         res, "memory.build_control",
                         uncapped(cap, build_full_controlnet, res, work, extra["flux-controlnet-union"])):
+                    continue
+                if args.size == "full" and kind == "identity" and not await stage(
+                        res, "memory.build_identity", uncapped(cap, build_full_identity, res, work, extra)):
                     continue
                 if args.size == "full" and kind == "qwen_edit":
                     await server.client.unload_models()
@@ -809,9 +850,11 @@ async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, f
 # Seconds each stage is expected to take (full size on an H100; tiny on a 2-core CPU), for the budget.
 ESTIMATES = {
     "full": {"generate": 20, "edit": 60, "fill": 60, "profile": 40, "restart": 25, "build_fill": 35,
-             "memory_job": 25, "build_control": 15, "build_qwen": 100, "qwen_job": 90},
+             "memory_job": 25, "build_control": 15, "build_identity": 20, "build_qwen": 100,
+             "qwen_job": 90},
     "tiny": {"generate": 5, "edit": 5, "fill": 5, "profile": 5, "restart": 5, "build_fill": 0,
-             "memory_job": 5, "build_control": 0, "build_qwen": 0, "qwen_job": 5},
+             "memory_job": 5, "build_control": 0, "build_identity": 0, "build_qwen": 0,
+             "qwen_job": 5},
 }
 LOAD_LOG: list[str] = []
 
