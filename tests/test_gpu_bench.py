@@ -57,7 +57,7 @@ def test_tiny_run_writes_every_figure(tmp_path):
     # The memory stage: a 16 GiB cap (on the CPU it drives the planner only), one job per capability.
     memory = data["memory"]
     assert memory["status"]["memory_cap_bytes"] == 16 * 1024**3 and memory["status"]["inference_edge"] > 0
-    assert set(memory["jobs"]) == {"generate", "edit", "inpaint", "control", "qwen_edit"}
+    assert set(memory["jobs"]) == {"generate", "edit", "inpaint", "control", "identity", "qwen_edit"}
     for kind, job in memory["jobs"].items():
         assert job["passed"] and job["peak_rss_bytes"] > 0 and job["s_per_step"] > 0, (kind, job)
         assert job["size"] == [128, 128] and job["resident_bytes"]
@@ -72,7 +72,7 @@ def test_memory_stage_alone_records_a_refusal(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PALETTA_")}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.bench.gpu", "--size", "tiny", "--steps", "2", "--res", "64", "--only", "memory",
-         "--memory-budget", "1MiB", "--skip", "edit", "inpaint", "control", "generate", "--out", str(out),
+         "--memory-budget", "1MiB", "--skip", "edit", "inpaint", "control", "generate", "identity", "--out", str(out),
          "--work", str(tmp_path / "work")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
