@@ -7,9 +7,7 @@ import asyncio
 import grpc
 
 from paletta.v1 import asset_service_pb2, asset_service_pb2_grpc, image_pb2
-from paletta_server.api.errors import abort, streaming, unary
 from paletta_server.app import PalettaApp
-from paletta_server.errors import PalettaError
 from paletta_server.storage import AssetInfo
 
 CHUNK = 1 << 20
@@ -31,12 +29,9 @@ class AssetServicer(asset_service_pb2_grpc.AssetServiceServicer):
                 # Refuses as soon as the size limit is crossed instead of buffering the rest.
                 await asyncio.to_thread(upload.write, chunk.data)
             return asset_message(await asyncio.to_thread(upload.commit, "data"))
-        except PalettaError as exc:
-            await abort(context, exc)
         finally:
             await asyncio.to_thread(upload.abort)
 
-    @streaming
     async def DownloadAsset(self, request: asset_service_pb2.DownloadAssetRequest, context: grpc.aio.ServicerContext):
         path = self.assets.path(request.name)
         with path.open("rb") as fh:
@@ -46,7 +41,6 @@ class AssetServicer(asset_service_pb2_grpc.AssetServiceServicer):
                     break
                 yield asset_service_pb2.AssetChunk(data=data)
 
-    @unary
     async def GetAsset(self, request: asset_service_pb2.GetAssetRequest, context: grpc.aio.ServicerContext
                        ) -> image_pb2.Asset:
         return asset_message(self.assets.get(request.name))

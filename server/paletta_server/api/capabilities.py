@@ -18,10 +18,9 @@ import grpc
 
 import paletta.v1
 from paletta.v1 import job_options_pb2, job_pb2
-from paletta_server.api.errors import abort
 from paletta_server.app import PalettaApp
 from paletta_server.capabilities.base import Capability
-from paletta_server.errors import PalettaError, invalid
+from paletta_server.errors import invalid
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +46,15 @@ def capability_rpcs(capabilities: dict[str, Capability]) -> dict[tuple[str, str,
 
 async def submit_and_stream(app: PalettaApp, capability: Capability, request: Any,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[job_pb2.JobEvent]:
+    # A PalettaError raised here becomes the call's rich status in api/interceptors.py.
     manager = app.manager
-    created = False
     options = request.options
-    try:
-        if len(options.request_id) > MAX_REQUEST_ID:
-            raise invalid("options.request_id", f"must be at most {MAX_REQUEST_ID} characters")
-        priority = options.priority or capability.default_priority
-        if priority not in PRIORITIES:
-            raise invalid("options.priority", f"unknown priority {priority}; use PRIORITY_LOW, _NORMAL or _HIGH")
-        job_id, created = await asyncio.to_thread(_queue, app, capability, request, priority)
-    except PalettaError as exc:
-        await abort(context, exc)
+    if len(options.request_id) > MAX_REQUEST_ID:
+        raise invalid("options.request_id", f"must be at most {MAX_REQUEST_ID} characters")
+    priority = options.priority or capability.default_priority
+    if priority not in PRIORITIES:
+        raise invalid("options.priority", f"unknown priority {priority}; use PRIORITY_LOW, _NORMAL or _HIGH")
+    job_id, created = await asyncio.to_thread(_queue, app, capability, request, priority)
     try:
         async for event in manager.watch(job_id, 0):
             yield event

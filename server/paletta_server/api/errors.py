@@ -1,10 +1,9 @@
-"""Sending domain errors as gRPC statuses (built by errors.to_status, the one place that builds them)."""
+"""Sending domain errors as gRPC statuses, built by errors.to_status (the one place that builds
+them). Every servicer's PalettaError reaches ``abort`` through api/interceptors.py."""
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -32,30 +31,3 @@ def refusal_handler(exc: PalettaError) -> grpc.RpcMethodHandler:
         await abort(context, exc)
 
     return grpc.stream_stream_rpc_method_handler(refuse)
-
-
-def unary(method: Callable) -> Callable:
-    """Decorate a unary servicer method: PalettaError → rich status."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await method(self, request, context)
-        except PalettaError as exc:
-            await abort(context, exc)
-
-    return wrapper
-
-
-def streaming(method: Callable) -> Callable:
-    """Decorate a server-streaming servicer method: PalettaError → rich status."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except PalettaError as exc:
-            await abort(context, exc)
-
-    return wrapper

@@ -7,7 +7,6 @@ import asyncio
 import grpc
 
 from paletta.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
-from paletta_server.api.errors import streaming, unary
 from paletta_server.app import PalettaApp
 from paletta_server.errors import invalid
 from paletta_server.jobs.events import STATE_NAMES
@@ -31,11 +30,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     def __init__(self, app: PalettaApp):
         self.manager = app.manager
 
-    @unary
     async def GetJob(self, request: job_service_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> job_pb2.Job:
         return await asyncio.to_thread(self.manager.job, job_id(request.name, "name"))
 
-    @unary
     async def ListJobs(self, request: job_service_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
                        ) -> job_service_pb2.ListJobsResponse:
         states = []
@@ -47,19 +44,16 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                                               page_size(request.page_size), request.page_token)
         return job_service_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
 
-    @streaming
     async def WatchJob(self, request: job_service_pb2.WatchJobRequest, context: grpc.aio.ServicerContext):
         if request.after_seq < 0:
             raise invalid("after_seq", "must not be negative")
         async for event in self.manager.watch(job_id(request.name, "name"), request.after_seq):
             yield event
 
-    @unary
     async def CancelJob(self, request: job_service_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
                         ) -> job_pb2.Job:
         return await asyncio.to_thread(self.manager.cancel, job_id(request.name, "name"))
 
-    @unary
     async def ApproveOutput(self, request: job_service_pb2.ApproveOutputRequest,
                             context: grpc.aio.ServicerContext) -> job_pb2.Job:
         if request.index < 0:
@@ -67,7 +61,6 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         return await asyncio.to_thread(self.manager.approve, job_id(request.name, "name"), request.index,
                                        request.approved)
 
-    @unary
     async def ListApprovedOutputs(self, request: job_service_pb2.ListApprovedOutputsRequest,
                                   context: grpc.aio.ServicerContext) -> job_service_pb2.ListApprovedOutputsResponse:
         rows, token = await asyncio.to_thread(self.manager.approved_outputs, page_size(request.page_size),

@@ -8,7 +8,6 @@ import grpc
 
 from paletta.v1 import style_service_pb2, style_service_pb2_grpc, system_service_pb2, system_service_pb2_grpc
 from paletta_server import __version__
-from paletta_server.api.errors import streaming, unary
 from paletta_server.app import PalettaApp
 from paletta_server.errors import NotFound, invalid
 from paletta_server.models.device import describe, gpu_stats
@@ -51,11 +50,9 @@ class SystemServicer(system_service_pb2_grpc.SystemServiceServicer):
             status.gpu.CopyFrom(gpu)
         return status
 
-    @unary
     async def GetStatus(self, request, context: grpc.aio.ServicerContext) -> system_service_pb2.GetStatusResponse:
         return await asyncio.to_thread(self.snapshot)
 
-    @streaming
     async def WatchStatus(self, request: system_service_pb2.WatchStatusRequest, context: grpc.aio.ServicerContext):
         interval = request.interval_ms or 1000
         if not 100 <= interval <= 60000:
@@ -64,13 +61,11 @@ class SystemServicer(system_service_pb2_grpc.SystemServiceServicer):
             yield await asyncio.to_thread(self.snapshot)
             await asyncio.sleep(interval / 1000)
 
-    @unary
     async def ListModels(self, request, context: grpc.aio.ServicerContext) -> system_service_pb2.ListModelsResponse:
         resident = dict(self.app.residency.snapshot())
         return system_service_pb2.ListModelsResponse(
             models=[self._model(k, resident) for k in sorted(self.app.registry.specs)])
 
-    @unary
     async def UnloadModels(self, request: system_service_pb2.UnloadModelsRequest, context: grpc.aio.ServicerContext
                            ) -> system_service_pb2.UnloadModelsResponse:
         for i, key in enumerate(request.keys):
@@ -84,7 +79,6 @@ class StyleServicer(style_service_pb2_grpc.StyleServiceServicer):
     def __init__(self, app: PalettaApp):
         self.styles = app.styles
 
-    @unary
     async def ListStyles(self, request, context: grpc.aio.ServicerContext) -> style_service_pb2.ListStylesResponse:
         return style_service_pb2.ListStylesResponse(styles=[
             style_service_pb2.Style(name=s.name, label=s.label, best_for=s.best_for, trigger_word=s.trigger_word,
