@@ -89,7 +89,7 @@ def test_config_precedence(tmp_path):
     config = load_config(tmp_path, env={"PALETTA_PORT": "7000"}, max_queue=3)
     assert (config.port, config.profile, config.max_queue) == (7000, "quality", 3)
     with pytest.raises(ValueError, match="unknown profile"):
-        load_config(tmp_path, env={}, profile="turbo")
+        load_config(tmp_path, env={}, profile="warp")
     with pytest.raises(ValueError, match="preview_every must be at least 1"):
         load_config(tmp_path, env={}, preview_every=0)
 

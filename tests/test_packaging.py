@@ -64,7 +64,8 @@ def test_base_install_is_the_sdk_and_extras_hold_the_rest():
         extras["server"]
     )
     assert _names(extras["webui"]) == {"nicegui"}
-    assert "paletta[server,webui]" in extras["dev"]
+    assert _names(extras["turbo"]) == {"paletta", "torchao"}  # float8 for the turbo profile, opt-in
+    assert "paletta[server,webui,turbo]" in extras["dev"]
     assert {"pytest", "mypy", "types-grpcio", "types-protobuf", "googleapis-common-protos-stubs"} <= _names(
         extras["dev"]
     )
@@ -88,7 +89,9 @@ def test_the_server_extra_covers_every_third_party_import_of_the_server():
         "huggingface-hub", "onnxruntime": "onnxruntime",
     }
     project = _pyproject()["project"]
-    installed = _names(project["dependencies"]) | _names(project["optional-dependencies"]["server"])
+    extras = project["optional-dependencies"]
+    # torchao is imported only for float8 under the turbo profile (its own extra)
+    installed = _names(project["dependencies"]) | _names(extras["server"]) | _names(extras["turbo"])
     imports: set[str] = set()
     for path in (ROOT / "server" / "paletta_server").rglob("*.py"):
         for match in re.finditer(r"^\s*(?:from|import) ([A-Za-z_][A-Za-z0-9_]*)", path.read_text(), re.M):

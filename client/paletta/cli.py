@@ -312,7 +312,7 @@ def styles() -> None:
 
 _DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
                          show_default="$PALETTA_DATA_DIR or the user data folder", help="Jobs, assets and models.")
-_PROFILE = click.option("--profile", type=click.Choice(["fast", "hyper", "quality", "tiny"]),
+_PROFILE = click.option("--profile", type=click.Choice(["fast", "hyper", "quality", "tiny", "turbo"]),
                         show_default="fast (env PALETTA_PROFILE)", help="Model profile.")
 _MEMORY_BUDGET = click.option(
     "--memory-budget", metavar="SIZE", show_default="all free memory (env PALETTA_MEMORY_BUDGET)",

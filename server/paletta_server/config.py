@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-PROFILES = ("fast", "hyper", "quality", "tiny")
+PROFILES = ("fast", "hyper", "quality", "tiny", "turbo")
 GiB = 1024**3
 
 
@@ -68,6 +68,13 @@ class Config:
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def compile_cache_dir(self) -> Path:
+        """Inductor's cache (the turbo profile's compiled code): where ``paletta serve`` points it."""
+        from paletta_server.environment import process_defaults
+
+        return Path(process_defaults(self.data_dir)["TORCHINDUCTOR_CACHE_DIR"])
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,

@@ -32,15 +32,16 @@ def load_dev_source(source: ModelSource, lc: LoadContext) -> ModelSource:
 
 
 def load_control(source: ModelSource, lc: LoadContext) -> Any:
-    """FluxControlNetPipeline = FLUX.1-dev + the Union-Pro ControlNet, both NF4 on CUDA under fast/hyper.
+    """FluxControlNetPipeline = FLUX.1-dev + the Union-Pro ControlNet, both NF4 on CUDA under fast/hyper
+    (float8 under turbo).
 
     In bf16 the ControlNet (3.3 B parameters) alone is 6.6 GB: 17.1 GB resident with the NF4 base,
     more than a 16 GB card; in NF4 it is ≈ 1.9 GB (≈ 12.4 GB with the base)."""
     from diffusers import FluxControlNetModel, FluxControlNetPipeline
 
     where, kwargs = pretrained_location(source)
-    if lc.device.quantization == "nf4" and lc.device.name == "cuda":
-        kwargs["quantization_config"] = flux._nf4_config("diffusers")
+    if (quantization := flux.component_quantization(lc)) is not None:
+        kwargs["quantization_config"] = quantization
     controlnet = FluxControlNetModel.from_pretrained(where, dtype=lc.device.dtype, **kwargs)
     return flux.load_pipeline(FluxControlNetPipeline, lc.source_of("flux-dev"), lc, controlnet=controlnet)
 

@@ -5,33 +5,58 @@ from __future__ import annotations
 
 from typing import Any
 
-from paletta_server.engines import nf4_cache
+from paletta_server.engines import nf4_cache, turbo
 from paletta_server.engines.common import ProgressSink, pretrained_location, step_callback
 from paletta_server.models.types import LoadContext, ModelSource
 
 NF4_COMPONENTS = ["transformer", "text_encoder_2"]
+# Under float8 only the diffusion transformer is quantized (the text encoders run once per prompt).
+FLOAT8_COMPONENTS = ("transformer",)
 
 
 def pretrained_kwargs(source: ModelSource, lc: LoadContext, quantize: list[str] | None = None) -> dict[str, Any]:
-    """from_pretrained arguments for a registry source: local folder or repo@revision, dtype, NF4."""
+    """from_pretrained arguments for a registry source: local folder or repo@revision, dtype, NF4 / float8."""
     kwargs: dict[str, Any] = {"dtype": lc.device.dtype, **pretrained_location(source)[1]}
-    if lc.device.quantization == "nf4" and lc.device.name == "cuda" and quantize != []:
-        import torch
-        from diffusers.quantizers import PipelineQuantizationConfig
+    components = NF4_COMPONENTS if quantize is None else quantize
+    if lc.device.name != "cuda" or not components:
+        return kwargs
+    from diffusers.quantizers import PipelineQuantizationConfig
 
+    if lc.device.quantization == "nf4":
         kwargs["quantization_config"] = PipelineQuantizationConfig(
-            quant_backend="bitsandbytes_4bit",
-            quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                          "bnb_4bit_compute_dtype": torch.bfloat16},
-            components_to_quantize=quantize if quantize is not None else NF4_COMPONENTS,
-        )
+            quant_backend="bitsandbytes_4bit", quant_kwargs=_nf4_settings(), components_to_quantize=components)
+    elif lc.device.quantization == "float8" and (float8 := [c for c in components if c in FLOAT8_COMPONENTS]):
+        kwargs["quantization_config"] = PipelineQuantizationConfig(
+            quant_mapping={name: component_quantization(lc) for name in float8})
     return kwargs
 
 
+def float8_settings() -> Any:
+    """torchao's float8 weights with per-row scales and float8 activations scaled per row at run time:
+    the recipe of huggingface/flux-fast (Ada / Hopper tensor cores)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+def component_quantization(lc: LoadContext) -> Any | None:
+    """Quantization of a diffusers model loaded on its own (the ControlNet) under this device's setting."""
+    if lc.device.name != "cuda":
+        return None
+    if lc.device.quantization == "nf4":
+        return _nf4_config("diffusers")
+    if lc.device.quantization == "float8":
+        from diffusers import TorchAoConfig
+
+        return TorchAoConfig(float8_settings())
+    return None
+
+
 def load_pipeline(cls: Any, source: ModelSource, lc: LoadContext, quantize: list[str] | None = None,
-                  **extra: Any) -> Any:
+                  compile: bool = True, **extra: Any) -> Any:
     """Load a diffusers pipeline class from a source and move it to the device; when the memory plan
-    says so (``lc.offload``), keep it on the CPU under model CPU offload instead."""
+    says so (``lc.offload``), keep it on the CPU under model CPU offload instead. Under a compiling
+    profile (turbo) the transformer's repeated blocks are compiled unless ``compile`` is False."""
     if lc.offload and lc.device.name == "cuda":
         pipe = _load_on_cpu(cls, source, lc, quantize, **extra)
     else:
@@ -40,6 +65,8 @@ def load_pipeline(cls: Any, source: ModelSource, lc: LoadContext, quantize: list
     pipe.set_progress_bar_config(disable=True)
     if lc.offload:
         offload_model_cpu(pipe, lc.device)
+    elif compile and getattr(lc.profile, "compile", False):
+        turbo.compile_blocks(pipe, lc)
     return pipe
 
 
@@ -62,43 +89,46 @@ def _component_class(source: ModelSource, component: str) -> Any:
     return getattr(importlib.import_module(library), class_name)
 
 
-def _nf4_config(library_module: str) -> Any:
+def _nf4_settings() -> dict[str, Any]:
     import torch
 
-    settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16}
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16}
+
+
+def _nf4_config(library_module: str) -> Any:
     if library_module.startswith("transformers"):
         from transformers import BitsAndBytesConfig
     else:
         from diffusers import BitsAndBytesConfig
-    return BitsAndBytesConfig(**settings)
+    return BitsAndBytesConfig(**_nf4_settings())
 
 
 def _load_on_cpu(cls: Any, source: ModelSource, lc: LoadContext, quantize: list[str] | None, **extra: Any) -> Any:
-    """The pipeline with its NF4 components quantized one at a time on the GPU (bitsandbytes quantizes
-    there) and each moved to the CPU at once, so loading never holds more than one on the device."""
+    """The pipeline on the CPU, for model CPU offload. NF4 components are quantized one at a time on the
+    GPU (bitsandbytes quantizes there) and each moved to the CPU at once, so loading never holds more
+    than one on the device; other settings (float8, bf16) load on the CPU as a whole."""
     from paletta_server.engines.common import free_device_memory
 
-    components = NF4_COMPONENTS if quantize is None else quantize
-    loaded: dict[str, Any] = {}
-    todo: list[str] = []
-    cache = None
-    if lc.device.quantization == "nf4":
-        cache = nf4_cache.cache_dir(lc)
-        cached = nf4_cache.load(cache, source, components, lc) if cache else {}
-        where, kwargs = pretrained_location(source)
-        for name in components:
-            model = cached.get(name)
-            if model is None:
-                todo.append(name)
-                model_cls = _component_class(source, name)
-                model = model_cls.from_pretrained(where, subfolder=name, dtype=lc.device.dtype,
-                                                  quantization_config=_nf4_config(model_cls.__module__), **kwargs)
-            loaded[name] = model.to("cpu")
-            free_device_memory()
     for value in extra.values():
         if hasattr(value, "parameters") and hasattr(value, "to"):
             value.to("cpu")
+    if lc.device.quantization != "nf4":
+        return from_pretrained(cls, source, lc, quantize, **extra)
+    components = NF4_COMPONENTS if quantize is None else quantize
+    loaded: dict[str, Any] = {}
+    todo: list[str] = []
+    cache = nf4_cache.cache_dir(lc)
+    cached = nf4_cache.load(cache, source, components, lc) if cache else {}
     where, kwargs = pretrained_location(source)
+    for name in components:
+        model = cached.get(name)
+        if model is None:
+            todo.append(name)
+            model_cls = _component_class(source, name)
+            model = model_cls.from_pretrained(where, subfolder=name, dtype=lc.device.dtype,
+                                              quantization_config=_nf4_config(model_cls.__module__), **kwargs)
+        loaded[name] = model.to("cpu")
+        free_device_memory()
     pipe = cls.from_pretrained(where, dtype=lc.device.dtype, **kwargs, **loaded, **extra)
     if cache and todo:
         nf4_cache.store(cache, source, todo, pipe)

@@ -249,10 +249,11 @@ def load_pulid(source: ModelSource, lc: LoadContext) -> PulidModules:
 
 def load_dev_pipeline(source: ModelSource, lc: LoadContext) -> Any:
     """Registry loader for ``flux-dev-pipeline``: ``FluxPipeline`` on the ``flux-dev`` source
-    (NF4 transformer and T5 on CUDA under fast/hyper), the base PuLID-FLUX was trained on."""
+    (NF4 transformer and T5 on CUDA under fast/hyper), the base PuLID-FLUX was trained on. Never
+    compiled: PuLID hooks its blocks per image, and every hook change would recompile them."""
     from diffusers import FluxPipeline
 
-    return flux.load_pipeline(FluxPipeline, lc.source_of("flux-dev"), lc)
+    return flux.load_pipeline(FluxPipeline, lc.source_of("flux-dev"), lc, compile=False)
 
 
 class EvaVision(nn.Module):

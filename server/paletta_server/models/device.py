@@ -20,11 +20,36 @@ def _nvml() -> Any | None:
 
 def detect_device(profile: Profile) -> Device:
     """CUDA when a GPU is visible; otherwise NF4/bf16 fall back to fp32 on CPU with a stated reason."""
-    if _nvml() is not None:
+    nvml = _nvml()
+    if nvml is not None:
+        if profile.quantization == "float8":
+            handle = nvml.nvmlDeviceGetHandleByIndex(0)
+            return cuda_float8(tuple(nvml.nvmlDeviceGetCudaComputeCapability(handle)), _has_torchao())
         return Device("cuda", profile.quantization)
     if profile.quantization == "fp32":
         return Device("cpu", "fp32")
     return Device("cpu", "fp32", note=f"{profile.quantization} needs CUDA; no GPU found, running fp32 on CPU")
+
+
+# float8 matrix products (torch._scaled_mm, torchao's dynamic float8) need Ada (8.9) or Hopper (9.0)+.
+FLOAT8_CAPABILITY = (8, 9)
+
+
+def cuda_float8(capability: tuple[int, int], torchao: bool) -> Device:
+    """The turbo profile's device on a GPU of this compute capability: float8 where the card and the
+    installed libraries can, else bf16 with the reason (torch.compile applies either way)."""
+    if capability < FLOAT8_CAPABILITY:
+        return Device("cuda", "bf16", note=f"float8 needs compute capability 8.9+ (this GPU: "
+                                           f"{capability[0]}.{capability[1]}); running bf16")
+    if not torchao:
+        return Device("cuda", "bf16", note="float8 needs torchao (pip install 'paletta[turbo]'); running bf16")
+    return Device("cuda", "float8")
+
+
+def _has_torchao() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
 
 
 def describe(device: Device) -> str:

@@ -75,13 +75,18 @@ def _flux(transformer: float, t5: float, rest: float, working: float, extra: flo
 # flux-dev-pipeline (identity's FluxPipeline on FLUX.1-dev) is the same 12 B transformer + T5 + CLIP-L +
 # VAE, so the same footprint (not measured on a GPU: an estimate by analogy); PuLID's CA modules, EVA
 # and the face models are separate registry keys planned beside it.
+# float8 (turbo: only the transformers, and the ControlNet, quantized; one byte a weight plus per-row
+# scales; the text encoders stay bf16): estimated from the parameter counts, not yet measured.
 ESTIMATES: dict[str, dict[str, Footprint]] = {
-    **{key: {"nf4": _flux(7.2, 2.9, 0.4, 3.9), "bf16": _flux(23.8, 9.5, 0.4, 3.0)}
+    **{key: {"nf4": _flux(7.2, 2.9, 0.4, 3.9), "bf16": _flux(23.8, 9.5, 0.4, 3.0),
+             "float8": _flux(12.0, 9.5, 0.4, 3.0)}
        for key in ("flux-schnell", "flux-kontext", "flux-fill", "flux-dev-pipeline")},
     "flux-controlnet-union": {"nf4": _flux(7.2, 2.9, 0.4, 4.2, extra=1.9),
-                              "bf16": _flux(23.8, 9.5, 0.4, 3.3, extra=6.6)},
+                              "bf16": _flux(23.8, 9.5, 0.4, 3.3, extra=6.6),
+                              "float8": _flux(12.0, 9.5, 0.4, 3.3, extra=3.4)},
     "qwen-image-edit": {"nf4": Footprint(int(18.2 * GB), int(11.6 * GB), int(4.0 * GB), family=True),
-                        "bf16": Footprint(int(57.8 * GB), int(40.9 * GB), int(4.0 * GB), family=True)},
+                        "bf16": Footprint(int(57.8 * GB), int(40.9 * GB), int(4.0 * GB), family=True),
+                        "float8": Footprint(int(37.5 * GB), int(20.6 * GB), int(4.0 * GB), family=True)},
 }
 FAMILY_KEYS = frozenset(ESTIMATES)
 

@@ -223,8 +223,10 @@ class ResidencyManager:
             )
         loader = import_object(spec.loader)
         try:
+            config = self.registry.config
             return loader(source, LoadContext(self.registry.profile, self.device, self.source,
-                                              self.registry.config.models_dir / "nf4-cache", offload=offload))
+                                              config.models_dir / "nf4-cache", config.compile_cache_dir,
+                                              offload=offload))
         except PalettaError:
             raise
         except (OSError, ConnectionError, ValueError, ImportError) as exc:

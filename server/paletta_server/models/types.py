@@ -17,14 +17,14 @@ class Device:
     """Where models run and in which precision."""
 
     name: str  # "cuda" or "cpu"
-    quantization: str  # effective: "nf4", "bf16" or "fp32"
+    quantization: str  # effective: "nf4", "float8", "bf16" or "fp32"
     note: str = ""  # why a fallback happened, shown in GetStatus
 
     @property
     def dtype(self):
         import torch
 
-        return torch.bfloat16 if self.quantization in ("nf4", "bf16") else torch.float32
+        return torch.bfloat16 if self.quantization in ("nf4", "float8", "bf16") else torch.float32
 
 
 
@@ -56,6 +56,8 @@ class LoadContext:
     source_of: Callable[[str], ModelSource]
     # Where loaders may cache converted weights (NF4-quantized components), inside the data dir.
     cache_dir: Path | None = None
+    # Where compiled code is cached (the turbo profile; engines/turbo.py), inside the data dir.
+    compile_cache: Path | None = None
     # The memory plan needs model CPU offload for this model (engines/flux.py: components are loaded,
     # then kept on the CPU and moved to the device one at a time while the job runs).
     offload: bool = False
