@@ -30,10 +30,14 @@ def test_tiny_run_writes_every_figure(tmp_path):
     assert data["errors"] == [] and data["skipped"] == []
     assert data["meta"]["size"] == "tiny" and data["build"]["total_s"] > 0
     profiles = data["profiles"]
-    for label in ("fast", "quality", "fast_restart"):
+    for label in ("fast", "quality", "fast_restart", "turbo", "turbo_restart"):
         assert profiles[label]["server_start_s"] > 0
         assert profiles[label]["first_image_s"] >= profiles[label]["server_start_s"]
-    measured = [(label, kind) for label in ("fast", "quality") for kind in ("generate", "edit")]
+    # turbo compiles on its first image; the restart on the same data dir compiles from the cache
+    assert profiles["turbo"]["compile_first_image"]["fxgraph_cache_miss"] > 0
+    restart = profiles["turbo_restart"]["compile"]
+    assert restart["fxgraph_cache_miss"] == 0 and restart["fxgraph_cache_hit"] > 0
+    measured = [(label, kind) for label in ("fast", "quality", "turbo") for kind in ("generate", "edit")]
     measured += [("fast_restart", "fill"), ("quality_fill", "fill")]
     for label, kind in measured:
         figures = profiles[label][kind]

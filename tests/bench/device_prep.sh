@@ -3,7 +3,7 @@
 # `python -m tests.bench.gpu` from source (see /work/shared/notes/gpu.md and tests/bench/gpu_device.sh).
 #
 # The device has Python 3.12 with torch, transformers, accelerate, peft, grpcio, protobuf, Pillow and
-# numpy, no internet, and lacks diffusers, bitsandbytes, SQLAlchemy and the gRPC extras. This script
+# numpy, no internet, and lacks diffusers, bitsandbytes, torchao, SQLAlchemy and the gRPC extras. This script
 # downloads cp312 manylinux wheels for what is missing into .device/wheels (git-ignored), pinned to the
 # versions in .venv (grpcio and protobuf too: the generated stubs check the versions they were made
 # with), repacks bitsandbytes with only its CUDA 13 library, makes sure the generated stubs in
@@ -41,6 +41,7 @@ REQUIRED=(
   "alembic==$(version alembic)"             # jobs/store.py migrates the schema at start
   "Mako==$(version Mako)"
   "MarkupSafe==$(version MarkupSafe)"
+  "torchao==$(version torchao)"             # the turbo profile's float8 (engines/flux.py)
 )
 # What diffusers needs in versions the device's transformers stack may predate; installed there only
 # when the device's own copy does not satisfy diffusers (see gpu_device.sh).

@@ -19,6 +19,11 @@ What it does, writing ``<out>/results.json`` after every figure (a cut-off run s
    for Generate and Edit the PNG encode (Pillow as the server does today, and storage/png.py), sha256
    and atomic write of the real output. Then a second ``fast`` start on the same data dir gives the
    first-image time with the NF4 cache warm (engines/nf4_cache.py).
+   ``turbo`` (float8 on compute capability 8.9+, else bf16; the transformer's repeated blocks compiled)
+   runs Generate and Edit the same way: its first image includes the compile with an empty cache;
+   ``turbo_restart`` starts again on the same data dir (dynamo reset, as in a new process) and gives the
+   first image with the compile cache warm. ``compile`` records inductor's cache hits and misses.
+   ``--only turbo`` runs these two alone.
 
 3. ``memory`` (``--memory-budget 16GiB``, last, or alone with ``--only memory``): a ``fast`` server
    capped at that budget (the residency plan and ``torch.cuda.set_per_process_memory_fraction``, so an
@@ -580,17 +585,44 @@ async def run_profile_stage(res: Results, profile: str, data: Path, kinds: list[
     from paletta_server.engines import nf4_cache
 
     cache_before = dict(nf4_cache.stats)
+    compiled_before = _compile_counts(reset=profile == "turbo")
     _reset_peak()
     async with Server(data, profile) as server:
         prefix = f"profiles.{label}"
         res.put(f"{prefix}.server_start_s", server.started_s)
         if first_image:
             await _first_image(res, prefix, server, args, label, cache_before)
+            if profile == "turbo":
+                res.put(f"{prefix}.compile_first_image", _compile_delta(compiled_before))
         for kind in kinds:
             if not fits(res, args, f"{label}.{kind}", ESTIMATES[args.size][kind]):
                 continue
             await stage(res, f"{label}.{kind}", lambda kind=kind: _measure_alone(
                 res, f"{prefix}.{kind}", server, kind, args, warm=first_image and kind == "generate"))
+        if profile == "turbo":
+            res.put(f"{prefix}.compile", _compile_delta(compiled_before))
+            res.say(f"{label}: compile cache {res.data['profiles'][label]['compile']}")
+
+
+COMPILE_COUNTERS = ("fxgraph_cache_hit", "fxgraph_cache_miss")
+
+
+def _compile_counts(reset: bool) -> dict[str, int]:
+    """Inductor's FX-graph cache counters now; with ``reset``, dynamo forgets compiled code first, as a
+    new process would (the on-disk cache in the data dir stays)."""
+    try:
+        import torch
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    if reset:
+        torch._dynamo.reset()
+    return {name: counters["inductor"][name] for name in COMPILE_COUNTERS}
+
+
+def _compile_delta(before: dict[str, int]) -> dict[str, int]:
+    now = _compile_counts(reset=False)
+    return {name: now.get(name, 0) - before.get(name, 0) for name in COMPILE_COUNTERS}
 
 
 async def _first_image(res: Results, prefix: str, server: Server, args: argparse.Namespace, label: str,
@@ -849,10 +881,10 @@ async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, f
 # -- orchestration ---------------------------------------------------------------------------------
 # Seconds each stage is expected to take (full size on an H100; tiny on a 2-core CPU), for the budget.
 ESTIMATES = {
-    "full": {"generate": 20, "edit": 60, "fill": 60, "profile": 40, "restart": 25, "build_fill": 35,
+    "full": {"generate": 20, "edit": 60, "fill": 60, "profile": 40, "restart": 25, "build_fill": 35, "turbo": 120,
              "memory_job": 25, "build_control": 15, "build_identity": 20, "build_qwen": 100,
              "qwen_job": 90},
-    "tiny": {"generate": 5, "edit": 5, "fill": 5, "profile": 5, "restart": 5, "build_fill": 0,
+    "tiny": {"generate": 5, "edit": 5, "fill": 5, "profile": 5, "restart": 5, "build_fill": 0, "turbo": 60,
              "memory_job": 5, "build_control": 0, "build_identity": 0, "build_qwen": 0,
              "qwen_job": 5},
 }
@@ -893,6 +925,12 @@ def meta(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         import torch
 
         info.update(torch=torch.__version__, diffusers=diffusers.__version__, cuda=torch.version.cuda)
+        try:
+            import torchao
+
+            info["torchao"] = torchao.__version__
+        except ImportError:
+            info["torchao"] = None
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
             info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
@@ -916,10 +954,23 @@ async def run_profile_stages(res: Results, args: argparse.Namespace, work: Path,
             kinds = ["fill"] if built else []
         await stage(res, "fast_restart", lambda: run_profile_stage(res, "fast", data["fast"], kinds, args,
                                                                    "fast_restart"))
+    if "turbo" not in args.skip:
+        await run_turbo_stages(res, args, data, est)
     fill_ready = "fill" not in args.skip and (args.size != "full" or "transformer_fill" in res.data["build"])
     if fill_ready and fits(res, args, "quality_fill", est["fill"] + 10):
         await stage(res, "quality_fill", lambda: run_profile_stage(res, "quality", data["quality"], ["fill"], args,
                                                                    "quality_fill", first_image=False))
+
+
+async def run_turbo_stages(res: Results, args: argparse.Namespace, data: dict[str, Path],
+                           est: dict[str, float]) -> None:
+    """turbo with an empty compile cache (Generate and Edit), then again on the same data dir."""
+    if fits(res, args, "turbo", est["turbo"]):
+        await stage(res, "turbo", lambda: run_profile_stage(res, "turbo", data["turbo"], ["generate", "edit"], args,
+                                                            "turbo"))
+    if fits(res, args, "turbo_restart", est["restart"]):
+        await stage(res, "turbo_restart", lambda: run_profile_stage(res, "turbo", data["turbo"], [], args,
+                                                                    "turbo_restart"))
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -945,17 +996,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         res.say(f"models ready in {res.data['build']['total_s']:.1f} s")
         for key, folder in folders.items():
             os.environ["PALETTA_MODEL_" + key.upper().replace("-", "_")] = str(folder)
-        data = {profile: work / f"data-{profile}" for profile in ("fast", "quality")}
+        data = {profile: work / f"data-{profile}" for profile in ("fast", "quality", "turbo")}
         for folder in data.values():
             folder.mkdir(parents=True, exist_ok=True)
         os.environ["PALETTA_NF4_CACHE_DIR"] = str(data["fast"] / "models" / "nf4-cache")
+        # where `paletta serve` puts inductor's cache (environment.py); set before torch reads it
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(data["turbo"] / "cache" / "torchinductor")
         est = ESTIMATES[args.size]
 
         # 1. fast: first image, Generate ratio, Kontext. 2. quality: the same. 3. fast again: NF4 cache warm.
-        # 4. the memory cap stage. --only memory runs the fourth alone.
-        if args.only != "memory":
+        # 4. turbo, cold then warm compile cache. 5. the memory cap stage. --only memory / turbo: that alone.
+        if args.only is None:
             await run_profile_stages(res, args, work, folders, data, est)
-        if "memory" not in args.skip:
+        elif args.only == "turbo":
+            await run_turbo_stages(res, args, data, est)
+        if "memory" not in args.skip and args.only in (None, "memory"):
             await stage(res, "memory", lambda: run_memory_stage(res, args, work, folders))
         summarize(res)
         return res.data
@@ -979,6 +1034,9 @@ def summarize(res: Results) -> None:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     row("first image after start (s)", lambda f: f"{f['first_image_s']:.2f}")
+    row("quantization", lambda f: f["generate"]["quantization"])
+    row("compile cache hits / misses", lambda f: f"{f['compile']['fxgraph_cache_hit']} / "
+        f"{f['compile']['fxgraph_cache_miss']}")
     for kind in ("generate", "edit", "fill"):
         row(f"{kind}: gRPC / direct (s)", lambda f, k=kind: f"{f[k]['grpc_median_s']:.3f} / "
             f"{f[k]['direct_median_s']:.3f} = {f[k]['ratio']:.3f}")
@@ -1016,8 +1074,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--edit-steps", type=int, help="Kontext / Fill steps (default 8 full, --steps tiny)")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget-s", type=float, help="skip stages that would end later (default 360 full)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("fill", "memory") + MEMORY_KINDS)
-    parser.add_argument("--only", choices=("memory",), help="run only this stage (and the builds it needs)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("fill", "turbo", "memory") + MEMORY_KINDS)
+    parser.add_argument("--only", choices=("memory", "turbo"), help="run only this stage (and the builds it needs)")
     parser.add_argument("--memory-budget", default="16GiB", help="the memory stage's cap (default 16GiB)")
     parser.add_argument("--memory-profile", default="fast", choices=("fast", "hyper"))
     parser.add_argument("--memory-steps", type=int, help="steps of a memory-stage job (default 4 full, --steps tiny)")

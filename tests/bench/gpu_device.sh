@@ -31,7 +31,7 @@ ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "no wheels: carry .device (tests/be
 import importlib.metadata as m, platform, sys
 print("python", sys.version.split()[0], platform.platform())
 for name in ("torch", "transformers", "accelerate", "peft", "huggingface-hub", "safetensors", "tokenizers",
-             "grpcio", "protobuf", "numpy", "Pillow", "nvidia-ml-py", "diffusers", "bitsandbytes"):
+             "grpcio", "protobuf", "numpy", "Pillow", "nvidia-ml-py", "diffusers", "bitsandbytes", "torchao"):
     try:
         print(f"{name} {m.version(name)}")
     except m.PackageNotFoundError:
