@@ -53,3 +53,6 @@ def quiet_warnings() -> None:
     logging.captureWarnings(True)
     warnings.filterwarnings("once", category=FutureWarning)
     warnings.filterwarnings("once", category=UserWarning)
+    # torchao (the turbo extra) registers its enums with torch's pytree at import, which newer torch
+    # answers with one deprecation line per enum: addressed to torchao, not to a user of the server.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
