@@ -174,6 +174,24 @@ def test_identity_runs_whole_on_a_16_gib_card_under_nf4_beside_its_pinned_helper
     assert "held by models the job also uses" in p.refuse and p.evict == ()
 
 
+def test_under_hyper_the_acceleration_lora_is_planned_with_its_size(tmp_path):
+    """The Hyper-SD LoRA (1.39 GB) is resolved before its pipeline, resident as its file with the file's
+    size, and pinned by the job: under a 16 GiB cap identity then runs offloaded, not whole (it had
+    0.14 GB to spare) — instead of a CUDA out-of-memory error when the LoRA goes into the pipeline."""
+    from paletta_server.engines.common import measure_bytes
+    from paletta_server.models.registry import SPECS
+
+    lora = tmp_path / "Hyper-FLUX.1-dev-8steps-lora.safetensors"
+    lora.write_bytes(b"\0" * 12345)
+    assert measure_bytes(lora) == 12345 and measure_bytes(tmp_path / "absent.safetensors") == 0
+    sizes = {s.key: s.estimated_bytes for s in SPECS}
+    assert sizes["hyper-sd"] >= 1.39e9  # the released file
+    keys = ("antelopev2", "facexlib-parsing", "pulid-flux", "eva02-clip-l-336", "hyper-sd")
+    p = plan(CAP_16, [(k, sizes[k], False) for k in keys], set(keys), "flux-dev-pipeline",
+             estimate("flux-dev-pipeline", "nf4"), 1024, False)
+    assert (p.offload, p.refuse, p.evict) == (True, "", ())
+
+
 def test_inference_edge_and_two_families_derive_from_the_budget():
     nf4 = [estimate(k, "nf4") for k in memory.EDGE_FAMILIES]
     bf16 = [estimate(k, "bf16") for k in memory.EDGE_FAMILIES]

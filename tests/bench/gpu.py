@@ -655,7 +655,10 @@ async def _measure_alone(res: Results, prefix: str, server: Server, kind: str, a
 
 # -- the memory cap: every capability on an emulated 16 GB card ---------------------------------------
 MEMORY_KEYS = ("flux-dev", "flux-controlnet-union", "qwen-image-edit", "pulid-flux", "antelopev2", "eva02-clip-l-336",
-               "facexlib-parsing")
+               "facexlib-parsing", "hyper-sd")
+# Hyper-FLUX.1-dev-8steps-lora.safetensors is 1.39 GB: about rank 64 on every linear layer of the
+# transformer's blocks, stored in fp32; the full-size stand-in has that layout and size.
+HYPER_LORA_RANK = 64
 
 
 def build_memory_folders(res: Results, work: Path, size: str, folders: dict[str, Path]) -> dict[str, Path]:
@@ -720,6 +723,35 @@ def build_full_identity(res: Results, work: Path, extra: dict[str, Path]) -> Non
     res.put("build.identity", {"pulid_params": pulid_params, "eva_params": eva_params,
                                "seconds": time.perf_counter() - start})
     res.say(f"built full-size PuLID modules ({pulid_params / 1e9:.2f} B) and EVA02-L ({eva_params / 1e9:.2f} B)")
+
+
+def build_full_hyper_lora(res: Results, folder: Path) -> None:
+    """A random LoRA of the real Hyper-SD FLUX size (``HYPER_LORA_RANK`` on each linear layer of the
+    full-size transformer's blocks, fp32, PEFT keys under ``transformer.``), replacing the tiny file."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    from paletta_server.models.registry import SPECS
+
+    start = time.perf_counter()
+    with torch.device("meta"):
+        shapes = FluxTransformer2DModel(**FULL["transformer"])
+    generator = torch.Generator("cuda").manual_seed(0)
+    tensors = {}
+    for name, module in shapes.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            for part, shape in (("lora_A", (HYPER_LORA_RANK, module.in_features)),
+                                ("lora_B", (module.out_features, HYPER_LORA_RANK))):
+                tensors[f"transformer.{name}.{part}.weight"] = (
+                    torch.randn(shape, generator=generator, device="cuda") * 1e-3).cpu()
+    filename = next(spec.filename for spec in SPECS if spec.key == "hyper-sd")
+    save_file(tensors, str(folder / filename))
+    params = sum(t.numel() for t in tensors.values())
+    res.put("build.hyper_lora", {"params": params, "bytes": (folder / filename).stat().st_size,
+                                 "seconds": time.perf_counter() - start})
+    res.say(f"built a full-size Hyper-SD-like LoRA: {params / 1e6:.0f} M parameters, "
+            f"{(folder / filename).stat().st_size / 1e9:.2f} GB")
 
 
 def build_full_qwen(res: Results, work: Path, folder: Path) -> None:
@@ -832,6 +864,9 @@ async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, f
     extra = build_memory_folders(res, work, args.size, folders)
     for key, folder in extra.items():
         os.environ["PALETTA_MODEL_" + key.upper().replace("-", "_").replace(".", "_")] = str(folder)
+    if args.size == "full" and args.memory_profile == "hyper" and not await stage(
+            res, "memory.build_hyper_lora", uncapped(0, build_full_hyper_lora, res, extra["hyper-sd"])):
+        return
     data = work / "data-memory"
     data.mkdir(parents=True, exist_ok=True)
     os.environ["PALETTA_NF4_CACHE_DIR"] = str(data / "models" / "nf4-cache")

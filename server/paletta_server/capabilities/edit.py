@@ -43,8 +43,9 @@ def run(request: edit_pb2.EditRequest, ctx: RunContext) -> None:
     from paletta_server.engines import flux_edit
     from paletta_server.engines import styles as style_engine
 
+    acceleration = common.acceleration_lora(ctx)  # first: in the pipeline's memory plan
     pipe = ctx.model(MODEL)
-    style_engine.ensure_acceleration(pipe, common.acceleration_lora(ctx))
+    style_engine.ensure_acceleration(pipe, acceleration)
     original = ctx.open_image(request.image.asset).convert("RGB")
     infer = diffusion_io.inference_size(*original.size, ctx.profile.max_inference_edge)
     image = diffusion_io.fit(original, infer)

@@ -38,9 +38,11 @@ def run(request: generate_pb2.GenerateRequest, ctx: RunContext) -> None:
     from paletta_server.engines import flux
     from paletta_server.engines import styles as style_engine
 
+    # Under the hyper profile the acceleration LoRA stays active with or without styles. It is resolved
+    # first: resident with its size, it is in the memory plan of the pipeline it goes into.
+    acceleration = common.acceleration_lora(ctx)
     pipe = ctx.model(MODEL)
-    # Under the hyper profile the acceleration LoRA stays active with or without styles.
-    style_engine.ensure_acceleration(pipe, common.acceleration_lora(ctx))
+    style_engine.ensure_acceleration(pipe, acceleration)
     guidance = request.guidance if request.HasField("guidance") else 0.0
     with common.diffusion_extras(pipe, request, ctx) as (prompt, extra, applied):
         for i in range(request.variants):

@@ -99,8 +99,9 @@ def run(request: pb.IdentityServiceGenerateRequest, ctx: RunContext) -> None:
     identity = pulid.identity_tokens(modules, ctx.model(EVA), features, face.embedding)
     ctx.check_cancelled()
 
+    acceleration = common.acceleration_lora(ctx)  # first: in the pipeline's memory plan
     pipe = ctx.model(MODEL)
-    style_engine.ensure_acceleration(pipe, common.acceleration_lora(ctx))
+    style_engine.ensure_acceleration(pipe, acceleration)
     strength = request.id_strength if request.HasField("id_strength") else DEFAULT_STRENGTH
     start_step = request.start_step if request.HasField("start_step") else 0
     guidance = request.guidance if request.HasField("guidance") else DEFAULT_GUIDANCE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from paletta_server.models.types import ModelSource
@@ -43,10 +44,13 @@ def import_object(dotted: str) -> Any:
 
 
 def measure_bytes(obj: Any) -> int:
-    """Bytes of parameters and buffers of every torch module reachable from obj (pipelines, models)."""
+    """Bytes of parameters and buffers of every torch module reachable from obj (pipelines, models).
+    A LoRA is resident as its file's path: it costs its size inside the pipeline it is loaded into."""
     explicit = getattr(obj, "resident_bytes", None)
     if isinstance(explicit, int):
         return explicit
+    if isinstance(obj, Path):
+        return obj.stat().st_size if obj.is_file() else 0
     import torch
 
     seen: set[int] = set()

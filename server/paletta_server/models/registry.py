@@ -56,7 +56,7 @@ SPECS: tuple[ModelSpec, ...] = (
               f"{_E}.ip_adapter:load_image_encoder", f"{_T}.flux_family:build_image_encoder", estimated_bytes=1 * GB),
     ModelSpec("hyper-sd", "ByteDance/Hyper-SD",
               f"{_E}.styles:load_lora_source", f"{_T}.flux_family:build_lora",
-              filename="Hyper-FLUX.1-dev-8steps-lora.safetensors"),
+              filename="Hyper-FLUX.1-dev-8steps-lora.safetensors", estimated_bytes=int(1.4 * GB)),
     ModelSpec("qwen-image-edit", "Qwen/Qwen-Image-Edit",
               f"{_E}.qwen:load_qwen_edit", f"{_T}.qwen:build_qwen_edit", estimated_bytes=20 * GB),
     ModelSpec("realesrgan-x4plus", "ai-forever/Real-ESRGAN",
