@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     and_,
+    bindparam,
     create_engine,
     event,
     func,
@@ -43,7 +44,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from paletta_server.jobs.state import FINAL, JobState
@@ -103,10 +104,24 @@ class OutputRow(Base):
     approved_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
-# (job row after the change, its outputs, the event's seq) → the serialized event
-MakeEvent = Callable[[JobRow, list[OutputRow], int], bytes]
+# (the event's seq, the job row after the change and its outputs — loaded for a final state only;
+# a claim gives the claimed row as it was queued) → the serialized event
+MakeEvent = Callable[[int, JobRow | None, list[OutputRow]], bytes]
 # the claim's candidates, in queue order → (the chosen job, new skips of the others)
 PickJob = Callable[[list[JobRow]], tuple[str, dict[str, int]]]
+
+
+_JOBS, _EVENTS, _OUTPUTS = JobRow.__table__, EventRow.__table__, OutputRow.__table__
+# Every event's statements, built once (SQLAlchemy then only looks up their compiled form): the
+# next seq of a job that is not over, and the event's row.
+_NEXT_SEQ = (update(_JOBS).where(_JOBS.c.id == bindparam("job_id"), *(_JOBS.c.state != state for state in _FINAL))
+             .values(last_seq=_JOBS.c.last_seq + 1).returning(_JOBS.c.last_seq))
+_ADD_EVENT = insert(_EVENTS)
+_HAS_OUTPUT = select(_OUTPUTS.c.index).where(_OUTPUTS.c.job_id == bindparam("job_id"),
+                                             _OUTPUTS.c.index == bindparam("index"))
+_ADD_OUTPUT = insert(_OUTPUTS)
+_JOB = select(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
+_OUTPUTS_OF = select(_OUTPUTS).where(_OUTPUTS.c.job_id == bindparam("job_id")).order_by(_OUTPUTS.c.index)
 
 
 def now() -> datetime:
@@ -201,19 +216,24 @@ class JobStore:
             if kind == "queued":
                 conn.execute(select(func.pg_notify(QUEUE_CHANNEL, job_id)))
 
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """One write transaction (on SQLite under the store's write lock): the writes below take
+        its connection, so several of them commit together or not at all."""
+        with self._lock, self.engine.begin() as conn:
+            yield conn
+
     # -- jobs ----------------------------------------------------------------------------
-    def create(self, capability: str, spec: bytes, priority: int, request_id: str, model_key: str,
-               cancel_on_disconnect: bool) -> JobRow:
+    def create(self, conn: Connection, capability: str, spec: bytes, priority: int, request_id: str,
+               model_key: str, cancel_on_disconnect: bool) -> JobRow:
         """Raises IntegrityError when ``request_id`` is taken (another front end won the race)."""
         row = JobRow(
             id=uuid.uuid4().hex, capability=capability, state=JobState.QUEUED.value, priority=priority,
             request_id=request_id or None, spec=spec, model_key=model_key,
             cancel_on_disconnect=cancel_on_disconnect, created=now(), last_seq=0, cancel_requested=False,
-            skips=0, previews_stripped=False,
+            skips=0, previews_stripped=False, worker=None, lease_until=None, started=None, ended=None, error=None,
         )
-        with self._lock, self.session() as s:
-            s.add(row)
-            s.commit()
+        conn.execute(insert(_JOBS).values({c.name: getattr(row, c.name) for c in _JOBS.c}))
         return row
 
     def get(self, job_id: str) -> JobRow | None:
@@ -246,7 +266,7 @@ class JobStore:
         with self.session() as s:
             return s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == JobState(state).value)) or 0
 
-    def position(self, row: JobRow, max_skips: int) -> int:
+    def position(self, conn: Connection, row: JobRow, max_skips: int) -> int:
         """Jobs before this queued one: those running, and those queued ahead of it."""
         jobs = JobRow.__table__
         effective = jobs.c.priority + jobs.c.skips // max_skips
@@ -255,17 +275,17 @@ class JobStore:
         ahead = or_(effective > mine, and_(effective == mine, earlier))
         query = select(func.count()).select_from(jobs).where(or_(
             jobs.c.state == JobState.RUNNING.value, and_(jobs.c.state == JobState.QUEUED.value, ahead)))
-        with self.engine.connect() as conn:
-            return conn.execute(query).scalar_one()
+        return conn.execute(query).scalar_one()
 
     # -- the state machine's writes --------------------------------------------------------
-    def transition(self, job_id: str, new: JobState, expect: JobState, make_event: MakeEvent, kind: str, *,
-                   error: bytes | None = None, worker: str | None = None,
-                   lease_expired_before: datetime | None = None) -> tuple[JobRow, bytes] | None:
+    def transition(self, conn: Connection, job_id: str, new: JobState, expect: JobState, make_event: MakeEvent,
+                   kind: str, *, error: bytes | None = None, worker: str | None = None,
+                   lease_expired_before: datetime | None = None) -> bytes | None:
         """Move a job from ``expect`` to ``new`` (a move the manager's state machine has checked) and
-        store its event, in one transaction; None when the job is no longer in ``expect`` (or no
-        longer ``worker``'s, or its lease was renewed): another process moved it first."""
-        jobs, events = JobRow.__table__, EventRow.__table__
+        store its event, in ``conn``'s transaction; returns the event, or None when the job is no
+        longer in ``expect`` (or no longer ``worker``'s, or its lease was renewed): another process
+        moved it first."""
+        jobs = _JOBS
         values: dict[str, Any] = {"state": new.value, "last_seq": jobs.c.last_seq + 1}
         if new == JobState.RUNNING:
             values["started"] = now()
@@ -278,20 +298,20 @@ class JobStore:
             where.append(jobs.c.worker == worker)
         if lease_expired_before is not None:
             where.append(jobs.c.lease_until < lease_expired_before)
-        with self._lock, self.session() as s, s.begin():
-            seq = s.execute(update(jobs).where(*where).values(**values).returning(jobs.c.last_seq)).scalar()
-            if seq is None:
-                return None
-            row, data = self._event_of_row(s, job_id, seq, make_event)
-            s.execute(insert(events).values(job_id=job_id, seq=seq, kind=kind, data=data))
-            self._notify(s, job_id, seq, kind)
-        return row, data
+        seq = conn.execute(update(jobs).where(*where).values(**values).returning(jobs.c.last_seq)).scalar()
+        if seq is None:
+            return None
+        data = make_event(seq, *self._job_of(conn, job_id)) if new in FINAL else make_event(seq, None, [])
+        self._add_event(conn, job_id, seq, kind, data)
+        return data
 
-    def _event_of_row(self, s: Session, job_id: str, seq: int, make_event: MakeEvent) -> tuple[JobRow, bytes]:
-        row = s.get(JobRow, job_id, populate_existing=True)
-        assert row is not None
-        outputs = list(s.scalars(select(OutputRow).where(OutputRow.job_id == job_id).order_by(OutputRow.index)))
-        return row, make_event(row, outputs, seq)
+    def _job_of(self, conn: Connection, job_id: str) -> tuple[JobRow, list[OutputRow]]:
+        row = JobRow(**conn.execute(_JOB, {"job_id": job_id}).one()._mapping)
+        return row, [OutputRow(**r._mapping) for r in conn.execute(_OUTPUTS_OF, {"job_id": job_id})]
+
+    def _add_event(self, conn: Connection, job_id: str, seq: int, kind: str, data: bytes) -> None:
+        conn.execute(_ADD_EVENT, {"job_id": job_id, "seq": seq, "kind": kind, "data": data})
+        self._notify(conn, job_id, seq, kind)
 
     def claim(self, worker: str, lease_until: datetime, pick: PickJob, make_event: MakeEvent, *,
               limit: int, max_skips: int) -> tuple[JobRow, bytes] | None:
@@ -322,10 +342,10 @@ class JobStore:
                                              jobs.c.id.not_in([c.id for c in candidates]))
                      .with_for_update(skip_locked=True))
             s.execute(update(jobs).where(jobs.c.id.in_(older.scalar_subquery())).values(skips=jobs.c.skips + 1))
-            row, data = self._event_of_row(s, chosen_id, seq, make_event)
+            data = make_event(seq, chosen, [])
             s.execute(insert(events).values(job_id=chosen_id, seq=seq, kind="started", data=data))
             self._notify(s, chosen_id, seq, "started")
-        return row, data
+        return chosen, data
 
     def heartbeat(self, worker: str, job_ids: Sequence[str], lease_until: datetime) -> int:
         """Renew ``worker``'s lease on the jobs it runs; returns how many it still holds."""
@@ -363,25 +383,20 @@ class JobStore:
                                      .where(JobRow.__table__.c.id == job_id)).scalar())
 
     # -- events --------------------------------------------------------------------------
-    def append_event(self, job_id: str, kind: str, build: Callable[[int], bytes]) -> tuple[int, bytes] | None:
-        """Assign the next seq, let ``build(seq)`` serialise the event, persist it; return (seq, bytes),
-        or None when the job is already over (a late message from a worker that lost its lease).
+    def append_event(self, conn: Connection, job_id: str, kind: str, build: Callable[[int], bytes]) -> bytes | None:
+        """Assign the next seq, let ``build(seq)`` serialise the event, store it in ``conn``'s
+        transaction; returns the event, or None when the job is already over (a late message from
+        a worker that lost its lease).
 
-        The hot path of every progress event, so it uses SQLAlchemy Core in one short transaction
-        (an ORM session costs ~30x more per event).
+        The hot path of every progress event: prebuilt Core statements (an ORM session costs
+        ~30x more per event, building the statements each time ~3x).
         """
-        jobs, events = JobRow.__table__, EventRow.__table__
-        with self._lock, self.engine.begin() as conn:
-            seq = conn.execute(
-                update(jobs).where(jobs.c.id == job_id, jobs.c.state.not_in(_FINAL))
-                .values(last_seq=jobs.c.last_seq + 1).returning(jobs.c.last_seq)
-            ).scalar()
-            if seq is None:
-                return None
-            data = build(seq)
-            conn.execute(insert(events).values(job_id=job_id, seq=seq, kind=kind, data=data))
-            self._notify(conn, job_id, seq, kind)
-            return seq, data
+        seq = conn.execute(_NEXT_SEQ, {"job_id": job_id}).scalar()
+        if seq is None:
+            return None
+        data = build(seq)
+        self._add_event(conn, job_id, seq, kind, data)
+        return data
 
     def strip_previews(self, job_id: str, strip: Callable[[bytes], bytes]) -> int:
         """Rewrite a finished job's preview events with ``strip`` (drops their pixels); returns how many."""
@@ -409,15 +424,10 @@ class JobStore:
                                      .order_by(events.c.seq)).scalars())
 
     # -- outputs -------------------------------------------------------------------------
-    def add_output(self, job_id: str, index: int, data: bytes) -> None:
+    def add_output(self, conn: Connection, job_id: str, index: int, data: bytes) -> None:
         """Store one output; storing the same one again (a retry after a lost connection) is a no-op."""
-        outputs = OutputRow.__table__
-        try:
-            with self._lock, self.engine.begin() as conn:
-                conn.execute(insert(outputs).values(job_id=job_id, index=index, data=data, approved=False))
-        except IntegrityError:
-            if not any(o.index == index for o in self.outputs(job_id)):
-                raise
+        if conn.execute(_HAS_OUTPUT, {"job_id": job_id, "index": index}).first() is None:
+            conn.execute(_ADD_OUTPUT, {"job_id": job_id, "index": index, "data": data, "approved": False})
 
     def outputs(self, job_id: str) -> list[OutputRow]:
         with self.session() as s:
