@@ -146,7 +146,9 @@ class JobManager:
                 self.loop.call_soon_threadsafe(task.cancel)
 
     def recover(self) -> None:
-        """Embedded, after a restart: the interrupted job fails with INTERRUPTED; queued jobs queue again."""
+        """Embedded, after a restart: the interrupted job fails with INTERRUPTED; queued jobs queue
+        again; jobs that ended shortly before the stop lose their stored previews' pixels."""
+        self.strip_ended_previews(0.0)
         for row in self.store.in_state(JobState.RUNNING):
             self._active[row.id] = self._active_from_db(row)
             self._transition(row.id, JobState.FAILED,
@@ -406,19 +408,31 @@ class JobManager:
         return event if data is not None else None
 
     def _ended(self, job_id: str) -> None:
-        """After a job's `finished` is published (embedded): drop its previews' pixels from the
-        stored log so it stays small (the events and their seqs stay), and its live log later.
-        Watchers in the next 30 s still replay from memory, with pixels; later ones from the
-        store, without. Shared, the janitor does this 30 s later, once every front end has read them."""
-        if not self.shared:
-            self._forget_later(job_id)
-            try:
-                self.store.strip_previews(job_id, _without_jpeg)
-            except Exception as exc:  # only their size is at stake
-                log.warning("could not strip the previews of %s: %s", job_id, exc)
+        """After a job's `finished` is published (embedded): its live log, previews with pixels, is
+        kept LIVE_LOG_S for watchers, then dropped with those pixels in the stored log (the events
+        and their seqs stay). Shared, the janitor strips them as late, once every front end has
+        read them."""
+        if self.shared:
+            return
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            self._strip_previews(job_id)
+        else:
+            loop.call_soon_threadsafe(loop.call_later, LIVE_LOG_S, self._forget, job_id)
+
+    def _forget(self, job_id: str) -> None:
+        """Embedded, on the serving loop: drop a finished job's live log and its stored previews' pixels."""
+        self._active.pop(job_id, None)
+        self._spawn(asyncio.to_thread(self._strip_previews, job_id))
+
+    def _strip_previews(self, job_id: str) -> None:
+        try:
+            self.store.strip_previews(job_id, _without_jpeg)
+        except Exception as exc:  # only their size is at stake; the next start strips them
+            log.warning("could not strip the previews of %s: %s", job_id, exc)
 
     def _forget_later(self, job_id: str, delay: float = LIVE_LOG_S) -> None:
-        """Drop a finished job's live log after a while; later watchers replay from the database."""
+        """Shared: drop a finished job's live log after a while; later watchers replay from the database."""
         loop = self.loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(loop.call_later, delay, self._active.pop, job_id, None)
@@ -596,8 +610,10 @@ class JobManager:
                 except queue.Empty:
                     break
             messages = [m for m in batch if m is not None]
-            if messages:
+            try:
                 self._record(messages, {id(m): self._output_of(m) for m in messages if isinstance(m, msg.Output)})
+            except Exception:  # never: _record reports its failures; but this thread must not die
+                log.exception("could not record %d messages", len(messages))
             if len(messages) < len(batch):  # stop() was called
                 return
 

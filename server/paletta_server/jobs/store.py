@@ -15,6 +15,7 @@ the row locks and the notifications: one process owns the file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import uuid
@@ -117,11 +118,34 @@ _JOBS, _EVENTS, _OUTPUTS = JobRow.__table__, EventRow.__table__, OutputRow.__tab
 _NEXT_SEQ = (update(_JOBS).where(_JOBS.c.id == bindparam("job_id"), *(_JOBS.c.state != state for state in _FINAL))
              .values(last_seq=_JOBS.c.last_seq + 1).returning(_JOBS.c.last_seq))
 _ADD_EVENT = insert(_EVENTS)
+_ADD_JOB = insert(_JOBS)
 _HAS_OUTPUT = select(_OUTPUTS.c.index).where(_OUTPUTS.c.job_id == bindparam("job_id"),
                                              _OUTPUTS.c.index == bindparam("index"))
 _ADD_OUTPUT = insert(_OUTPUTS)
 _JOB = select(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
 _OUTPUTS_OF = select(_OUTPUTS).where(_OUTPUTS.c.job_id == bindparam("job_id")).order_by(_OUTPUTS.c.index)
+
+
+@functools.cache
+def _move_statement(started: bool, ended: bool, error: bool, worker: bool, lease: bool) -> Any:
+    """A state change's statement, built once per shape: the job moves from ``:expect`` to ``:new``
+    (if ``worker``, only while ``:by_worker`` holds it; if ``lease``, only if its lease ran out before
+    ``:lease_expired_before``), setting started / ended to ``:now`` and its error to ``:error_status``;
+    returns the new seq."""
+    jobs = _JOBS
+    values: dict[str, Any] = {"state": bindparam("new"), "last_seq": jobs.c.last_seq + 1}
+    if started:
+        values["started"] = bindparam("now")
+    if ended:
+        values["ended"] = bindparam("now")
+    if error:
+        values["error"] = bindparam("error_status")
+    where = [jobs.c.id == bindparam("job_id"), jobs.c.state == bindparam("expect")]
+    if worker:
+        where.append(jobs.c.worker == bindparam("by_worker"))
+    if lease:
+        where.append(jobs.c.lease_until < bindparam("lease_expired_before"))
+    return update(jobs).where(*where).values(**values).returning(jobs.c.last_seq)
 
 
 def now() -> datetime:
@@ -233,7 +257,7 @@ class JobStore:
             cancel_on_disconnect=cancel_on_disconnect, created=now(), last_seq=0, cancel_requested=False,
             skips=0, previews_stripped=False, worker=None, lease_until=None, started=None, ended=None, error=None,
         )
-        conn.execute(insert(_JOBS).values({c.name: getattr(row, c.name) for c in _JOBS.c}))
+        conn.execute(_ADD_JOB, {c.name: getattr(row, c.name) for c in _JOBS.c})
         return row
 
     def get(self, job_id: str) -> JobRow | None:
@@ -285,20 +309,11 @@ class JobStore:
         store its event, in ``conn``'s transaction; returns the event, or None when the job is no
         longer in ``expect`` (or no longer ``worker``'s, or its lease was renewed): another process
         moved it first."""
-        jobs = _JOBS
-        values: dict[str, Any] = {"state": new.value, "last_seq": jobs.c.last_seq + 1}
-        if new == JobState.RUNNING:
-            values["started"] = now()
-        if new in FINAL:
-            values["ended"] = now()
-        if error is not None:
-            values["error"] = error
-        where = [jobs.c.id == job_id, jobs.c.state == expect.value]
-        if worker is not None:
-            where.append(jobs.c.worker == worker)
-        if lease_expired_before is not None:
-            where.append(jobs.c.lease_until < lease_expired_before)
-        seq = conn.execute(update(jobs).where(*where).values(**values).returning(jobs.c.last_seq)).scalar()
+        params = {"job_id": job_id, "expect": expect.value, "new": new.value, "now": now(), "error_status": error,
+                  "by_worker": worker, "lease_expired_before": lease_expired_before}
+        statement = _move_statement(new == JobState.RUNNING, new in FINAL, error is not None, worker is not None,
+                                    lease_expired_before is not None)
+        seq = conn.execute(statement, params).scalar()
         if seq is None:
             return None
         data = make_event(seq, *self._job_of(conn, job_id)) if new in FINAL else make_event(seq, None, [])
