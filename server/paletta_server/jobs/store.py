@@ -44,6 +44,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -119,9 +120,9 @@ _NEXT_SEQ = (update(_JOBS).where(_JOBS.c.id == bindparam("job_id"), *(_JOBS.c.st
              .values(last_seq=_JOBS.c.last_seq + 1).returning(_JOBS.c.last_seq))
 _ADD_EVENT = insert(_EVENTS)
 _ADD_JOB = insert(_JOBS)
-_HAS_OUTPUT = select(_OUTPUTS.c.index).where(_OUTPUTS.c.job_id == bindparam("job_id"),
-                                             _OUTPUTS.c.index == bindparam("index"))
-_ADD_OUTPUT = insert(_OUTPUTS)
+# Storing an output again (a retry after a lost connection) changes nothing.
+_ADD_OUTPUT = {"sqlite": sqlite.insert(_OUTPUTS).on_conflict_do_nothing(),
+               "postgresql": postgresql.insert(_OUTPUTS).on_conflict_do_nothing()}
 _JOB = select(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
 _OUTPUTS_OF = select(_OUTPUTS).where(_OUTPUTS.c.job_id == bindparam("job_id")).order_by(_OUTPUTS.c.index)
 
@@ -441,8 +442,7 @@ class JobStore:
     # -- outputs -------------------------------------------------------------------------
     def add_output(self, conn: Connection, job_id: str, index: int, data: bytes) -> None:
         """Store one output; storing the same one again (a retry after a lost connection) is a no-op."""
-        if conn.execute(_HAS_OUTPUT, {"job_id": job_id, "index": index}).first() is None:
-            conn.execute(_ADD_OUTPUT, {"job_id": job_id, "index": index, "data": data, "approved": False})
+        conn.execute(_ADD_OUTPUT[self.dialect], {"job_id": job_id, "index": index, "data": data, "approved": False})
 
     def outputs(self, job_id: str) -> list[OutputRow]:
         with self.session() as s:
