@@ -7,6 +7,15 @@ Prints, from one run on the tiny models:
   (d) upload + download throughput of a 4096×4096 PNG
   (e) the fixed per-job cost (gRPC minus direct of (a)) and the device-idle gap between
       back-to-back jobs (one job's Finished to the next job's run, on the device thread)
+  (f) the fixed per-job cost at 256x256, 4 steps, and where it goes: before the device takes the
+      job, the pipeline's slow-down inside the server, and from its last step to the client
+      holding `finished`
+
+"Direct" calls run on the server's device thread, between jobs, with the server otherwise idle
+(``on_device``): a torch call from any other thread starts a second OpenMP thread pool, and with
+more OpenMP threads than cores libgomp stops spinning between parallel regions, which slows the
+direct call and every later job alike (by ~40 % on a 2-core VM); a server calls torch from its
+device thread only.
 and then the per-capability figures of tests/bench/diffusion.py and tests/bench/vision.py
 when those modules are present.
 """
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import io
 import os
@@ -25,7 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -46,13 +58,46 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 
+async def on_device(server: PalettaServer, channel, fn: Callable[[], object]) -> float:
+    """Seconds ``fn()`` takes on the server's device thread, between jobs, the server otherwise idle.
+
+    It runs in the device worker's ``run`` of a small carrier job, before that job (50 ms after
+    the worker took it, so its `queued` event has reached the client by then)."""
+    worker = server.app.worker
+    original = worker.run
+    took: list[float] = []
+
+    def run(assignment):  # noqa: ANN001, ANN202
+        time.sleep(0.05)
+        start = time.perf_counter()
+        fn()
+        took.append(time.perf_counter() - start)
+        original(assignment)
+
+    worker.run = run
+    try:
+        await collect(gen_grpc.GenerateServiceStub(channel).Generate(
+            gen.GenerateRequest(prompt="carrier", width=64, height=64, steps=1, seed=0)))
+    finally:
+        worker.run = original
+    return took[0]
+
+
+def direct_generate(server: PalettaServer, request: gen.GenerateRequest) -> Callable[[], object]:
+    """The Generate job's engine call, made directly on the resident pipeline (no previews)."""
+    from paletta_server.engines import flux
+
+    pipe = server.app.residency.ensure_resident("flux-schnell")
+    return lambda: flux.text_to_image(pipe, NullSink(), prompt=request.prompt, width=request.width,
+                                      height=request.height, steps=request.steps, seed=request.seed,
+                                      guidance=0.0, preview_every=10**9)
+
+
 async def generate_ratio_and_latency(server: PalettaServer, channel, size: int, steps: int, runs: int):
     stub = gen_grpc.GenerateServiceStub(channel)
     request = gen.GenerateRequest(prompt="a knight on a hill", width=size, height=size, steps=steps, seed=1)
     await collect(stub.Generate(request))  # load and warm
-    pipe = server.app.residency.ensure_resident("flux-schnell")
-    from paletta_server.engines import flux
-
+    direct = direct_generate(server, request)
     grpc_times, direct_times, latencies = [], [], []
     for _ in range(runs):
         start = time.perf_counter()
@@ -61,11 +106,59 @@ async def generate_ratio_and_latency(server: PalettaServer, channel, size: int, 
             if event.HasField("progress") and event.progress.stage == "denoising":
                 latencies.append(time.time() - event.time.ToNanoseconds() / 1e9)
         grpc_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        await asyncio.to_thread(flux.text_to_image, pipe, NullSink(), prompt=request.prompt, width=size,
-                                height=size, steps=steps, seed=1, guidance=0.0, preview_every=10**9)
-        direct_times.append(time.perf_counter() - start)
+        direct_times.append(await on_device(server, channel, direct))
     return statistics.median(grpc_times), statistics.median(direct_times), latencies
+
+
+@contextlib.contextmanager
+def _stamped(server: PalettaServer, stamps: dict[str, float]) -> Iterator[None]:
+    """Record when the device takes a job and when its pipeline starts and ends."""
+    from paletta_server.engines import flux
+
+    worker, original_run, original_call = server.app.worker, server.app.worker.run, flux.text_to_image
+
+    def run(assignment):  # noqa: ANN001, ANN202
+        stamps["device"] = time.perf_counter()
+        original_run(assignment)
+
+    def text_to_image(*args: Any, **kwargs: Any) -> Any:
+        stamps["pipeline"] = time.perf_counter()
+        try:
+            return original_call(*args, **kwargs)
+        finally:
+            stamps["pipeline_end"] = time.perf_counter()
+
+    worker.run, flux.text_to_image = run, text_to_image
+    try:
+        yield
+    finally:
+        worker.run, flux.text_to_image = original_run, original_call
+
+
+async def fixed_cost_breakdown(server: PalettaServer, channel, size: int = 256, steps: int = 4, runs: int = 15
+                               ) -> dict[str, float]:
+    """Median ms over ``runs`` of a Generate job: its whole gRPC call, the direct call, and the
+    parts of their difference (gRPC jobs and direct calls alternate)."""
+    stub = gen_grpc.GenerateServiceStub(channel)
+    request = gen.GenerateRequest(prompt="a knight on a hill", width=size, height=size, steps=steps, seed=1)
+    await collect(stub.Generate(request))  # load and warm
+    direct = direct_generate(server, request)
+    rows: list[dict[str, float]] = []
+    for _ in range(runs):
+        stamps: dict[str, float] = {}
+        with _stamped(server, stamps):
+            start = time.perf_counter()
+            await collect(stub.Generate(request))
+            end = time.perf_counter()
+        rows.append({"grpc": end - start, "direct": await on_device(server, channel, direct),
+                     "to_device": stamps["device"] - start, "setup": stamps["pipeline"] - stamps["device"],
+                     "pipeline": stamps["pipeline_end"] - stamps["pipeline"], "after": end - stamps["pipeline_end"]})
+    figures = {key: statistics.median(r[key] for r in rows) * 1000 for key in rows[0]}
+    figures["slowdown"] = figures["pipeline"] - figures["direct"]
+    figures["fixed"] = figures["grpc"] - figures["direct"]
+    costs = sorted((r["grpc"] - r["direct"]) * 1000 for r in rows)
+    figures["fixed_p25"], figures["fixed_p75"] = costs[len(costs) // 4], costs[(3 * len(costs)) // 4]
+    return figures
 
 
 async def device_idle_gap(server: PalettaServer, channel, jobs: int = 12) -> list[float]:
@@ -163,6 +256,7 @@ async def core_figures(folder: Path, quick: bool) -> None:
         print(f"(b) progress latency over {len(lat_ms)} events: p50 {p50:.2f} ms, p99 {p99:.2f} ms  "
               f"(target p99 <= 10 ms)")
         gaps = sorted(g * 1000 for g in await device_idle_gap(server, channel))
+        parts = await fixed_cost_breakdown(server, channel, runs=9 if quick else 15)
         up, down, size_bytes = await transfer_throughput(channel)
     await server.stop(0)
     start_s = serve_to_serving(folder / "serve-data")
@@ -172,6 +266,11 @@ async def core_figures(folder: Path, quick: bool) -> None:
     print(f"(e) fixed per-job cost {(grpc_t - direct_t) * 1000:.1f} ms (target <= 10 ms); device idle between "
           f"{len(gaps) + 1} back-to-back jobs: median {gaps[len(gaps) // 2]:.2f} ms, max {gaps[-1]:.2f} ms "
           f"(target <= 2 ms)", flush=True)
+    print(f"(f) fixed per-job cost at 256x256, 4 steps, median of {9 if quick else 15}: {parts['fixed']:.1f} ms "
+          f"(p25 {parts['fixed_p25']:.1f}, p75 {parts['fixed_p75']:.1f}; gRPC {parts['grpc']:.1f} / direct "
+          f"{parts['direct']:.1f} ms; target <= 10 ms) = to the device {parts['to_device']:.1f} + device setup "
+          f"{parts['setup']:.1f} + pipeline slow-down {parts['slowdown']:.1f} + last step to client "
+          f"{parts['after']:.1f} ms", flush=True)
 
 
 def main(quick: bool) -> None:

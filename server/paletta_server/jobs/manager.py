@@ -32,7 +32,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from google.protobuf.message import Message
 from google.rpc import status_pb2
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from paletta.v1 import image_pb2, job_pb2
@@ -49,7 +51,7 @@ from paletta_server.errors import (
 from paletta_server.jobs import messages as msg
 from paletta_server.jobs import paging
 from paletta_server.jobs import store as st
-from paletta_server.jobs.events import job_message, job_name, timestamp
+from paletta_server.jobs.events import STATE_NAMES, job_message, job_name, timestamp
 from paletta_server.jobs.scheduler import Scheduler
 from paletta_server.jobs.state import JobState, check_transition
 from paletta_server.storage import AssetStore
@@ -61,6 +63,7 @@ RESULT_FIELDS = {f.message_type.full_name: f.name for f in job_pb2.JobOutput.DES
 LIVE_LOG_S = 30.0  # a finished job's live log (previews with pixels) is kept this long
 FOLLOW_POLL_S = 1.0  # shared mode: a watcher re-reads the store this often even without NOTIFY
 STORE_RETRY_S = 120.0  # how long the event thread retries a write while the database is unreachable
+MAX_BATCH = 64  # messages the event thread records in one transaction at most
 
 
 @dataclass
@@ -143,7 +146,9 @@ class JobManager:
                 self.loop.call_soon_threadsafe(task.cancel)
 
     def recover(self) -> None:
-        """Embedded, after a restart: the interrupted job fails with INTERRUPTED; queued jobs queue again."""
+        """Embedded, after a restart: the interrupted job fails with INTERRUPTED; queued jobs queue
+        again; jobs that ended shortly before the stop lose their stored previews' pixels."""
+        self.strip_ended_previews(0.0)
         for row in self.store.in_state(JobState.RUNNING):
             self._active[row.id] = self._active_from_db(row)
             self._transition(row.id, JobState.FAILED,
@@ -180,18 +185,28 @@ class JobManager:
                     return self._existing(existing, capability)
             if self.shared:
                 return self._submit_shared(capability, spec, priority, request_id, model_key, cancel_on_disconnect)
-            with self._cv:
+            with self._cv, self._emit_lock:
                 if len(self.scheduler) >= self.max_queue:
                     raise _queue_full(self.max_queue)
-            row = self.store.create(capability, spec, priority, request_id, model_key, cancel_on_disconnect)
-            self._active[row.id] = ActiveJob(capability, spec, JobState.QUEUED)
-            with self._cv:
-                self.scheduler.add(row.id, priority, model_key)
-                ahead = sum(1 for job in self._active.values() if job.assigned and not job.state.final)
-                # Emitted before the worker can see the job, so `queued` always precedes `started`.
-                self.emit(row.id, "queued", job_pb2.JobQueued(position=self.scheduler.position(row.id) + ahead))
+                job_id = ""
+                try:
+                    # The job and its `queued` event commit together, before the worker can see the
+                    # job (it picks under the same lock), so `queued` always precedes `started`.
+                    with self.store.begin() as conn:
+                        job_id = self.store.create(conn, capability, spec, priority, request_id, model_key,
+                                                   cancel_on_disconnect).id
+                        self.scheduler.add(job_id, priority, model_key)
+                        ahead = sum(1 for job in self._active.values() if job.assigned and not job.state.final)
+                        queued = self._append(conn, job_id, "queued",
+                                              job_pb2.JobQueued(position=self.scheduler.position(job_id) + ahead))
+                except BaseException:
+                    self.scheduler.remove(job_id)
+                    raise
+                assert queued is not None
+                # Its live log starts with `queued`: no watcher can be waiting on it yet.
+                self._active[job_id] = ActiveJob(capability, spec, JobState.QUEUED, [queued])
                 self._cv.notify()
-            return row.id, True
+            return job_id, True
 
     def _existing(self, row: st.JobRow, capability: str) -> tuple[str, bool]:
         if row.capability != capability:
@@ -203,56 +218,70 @@ class JobManager:
         if self.store.count(JobState.QUEUED) >= self.max_queue:
             raise _queue_full(self.max_queue)
         try:
-            row = self.store.create(capability, spec, priority, request_id, model_key, cancel_on_disconnect)
+            with self.store.begin() as conn:
+                row = self.store.create(conn, capability, spec, priority, request_id, model_key, cancel_on_disconnect)
+                # Workers claim only jobs whose `queued` event is stored, so it always precedes `started`.
+                position = self.store.position(conn, row, self.scheduler.max_skips)
+                self._append(conn, row.id, "queued", job_pb2.JobQueued(position=position))
         except IntegrityError:  # another front end took this request_id a moment ago
             existing = self.store.by_request_id(request_id) if request_id else None
             if existing is None:
                 raise
             return self._existing(existing, capability)
-        # Workers claim only jobs whose `queued` event is stored, so it always precedes `started`.
-        self.emit(row.id, "queued", job_pb2.JobQueued(position=self.store.position(row, self.scheduler.max_skips)))
         return row.id, True
 
     # -- events --------------------------------------------------------------------------
-    def emit(self, job_id: str, kind: str, payload: object) -> job_pb2.JobEvent | None:
+    def emit(self, job_id: str, kind: str, payload: Message) -> job_pb2.JobEvent | None:
         """Persist then publish one event; callable from any thread. None when the job is already
         over (a late report from a worker whose lease ran out)."""
-        name = job_name(job_id)
-        holder: dict[str, job_pb2.JobEvent] = {}
+        with self._emit_lock:  # seq order and live-log order must agree across threads
+            with self.store.begin() as conn:
+                event = self._append(conn, job_id, kind, payload)
+            if event is not None:
+                self._wake(self._publish(job_id, event))
+            return event
+
+    def _append(self, conn: Connection, job_id: str, kind: str, payload: Message) -> job_pb2.JobEvent | None:
+        """Store one event in ``conn``'s transaction (the caller publishes it once that commits)."""
+        event = job_pb2.JobEvent(job=job_name(job_id), time=timestamp())
+        getattr(event, kind).CopyFrom(payload)
 
         def build(seq: int) -> bytes:
-            event = job_pb2.JobEvent(job=name, seq=seq, time=timestamp())
-            getattr(event, kind).CopyFrom(payload)
-            holder["event"] = event
+            event.seq = seq
             return event.SerializeToString()
 
-        with self._emit_lock:  # seq order and live-log order must agree across threads
-            if self.store.append_event(job_id, kind, build) is None:
-                return None
-            return self._publish(job_id, holder["event"])
+        return event if self.store.append_event(conn, job_id, kind, build) is not None else None
 
-    def _publish(self, job_id: str, event: job_pb2.JobEvent) -> job_pb2.JobEvent:
-        """Embedded: append to the live log and wake its watchers (call under the emit lock).
-        Shared: nothing — the store's NOTIFY reaches every front end, this one included."""
-        if not self.shared:
-            active = self._active.get(job_id)
-            if active is not None:
-                active.events.append(event)
-                self._wake(active)
-        return event
+    def _publish(self, job_id: str, event: job_pb2.JobEvent) -> ActiveJob | None:
+        """Embedded: append a stored event to the live log (call under the emit lock, after the
+        commit) and return the job to wake. Shared: nothing — the store's NOTIFY reaches every
+        front end, this one included."""
+        if self.shared:
+            return None
+        active = self._active.get(job_id)
+        if active is not None:
+            active.events.append(event)
+            kind = event.WhichOneof("kind")
+            if kind == "started":
+                active.state = JobState.RUNNING
+            elif kind == "finished":
+                active.state = JobState(STATE_NAMES[event.finished.job.state])
+        return active
 
-    def _wake(self, active: ActiveJob) -> None:
+    def _wake(self, *jobs: ActiveJob | None) -> None:
+        """Wake the watchers of ``jobs`` on the serving loop (one hop for all of them)."""
         loop = self.loop
-        if loop is None or loop.is_closed():
+        woken = tuple(job for job in jobs if job is not None)
+        if not woken or loop is None or loop.is_closed():
             return
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is loop:
-            active.wake()
+            _wake_all(woken)
         else:
-            loop.call_soon_threadsafe(active.wake)
+            loop.call_soon_threadsafe(_wake_all, woken)
 
     async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[job_pb2.JobEvent]:
         """Replay events after ``after_seq``, then follow live until the finished event."""
@@ -338,43 +367,72 @@ class JobManager:
     def _transition(self, job_id: str, new: JobState, error: status_pb2.Status | None = None, *,
                     expect: JobState | None = None, worker: str | None = None,
                     lease_expired_before=None) -> bool:  # noqa: ANN001
-        """The only place a job changes state: check the move, then persist it with its event in one
-        transaction. False when another process moved the job first (shared mode)."""
+        """Change a job's state on its own (cancel, recovery, the janitor): check the move, then
+        persist it with its event in one transaction. False when another process moved the job
+        first (shared mode)."""
         active = self._active.get(job_id)
         if expect is None:
             expect = active.state if active is not None and not self.shared else JobState(self.get_row(job_id).state)
-        check_transition(job_id, expect, new)
-        kind = "started" if new == JobState.RUNNING else "finished"
+        with self._emit_lock:
+            with self.store.begin() as conn:
+                event = self._move(conn, job_id, new, error, expect=expect, worker=worker,
+                                   lease_expired_before=lease_expired_before)
+            if event is None:
+                return False
+            self._wake(self._publish(job_id, event))
+        if new.final:
+            self._ended(job_id)
+        return True
 
-        def make_event(row: st.JobRow, outputs: list[st.OutputRow], seq: int) -> bytes:
-            event = job_pb2.JobEvent(job=job_name(job_id), seq=seq, time=timestamp())
-            if new == JobState.RUNNING:
-                event.started.CopyFrom(job_pb2.JobStarted())
+    def _move(self, conn: Connection, job_id: str, new: JobState, error: status_pb2.Status | None, *,
+              expect: JobState, worker: str | None = None, lease_expired_before=None  # noqa: ANN001
+              ) -> job_pb2.JobEvent | None:
+        """The only place a job changes state: check the move, then store it with its event in
+        ``conn``'s transaction (the caller publishes the event once that commits). None when the
+        job was not in ``expect`` (another process moved it first)."""
+        check_transition(job_id, expect, new)
+        event = job_pb2.JobEvent(job=job_name(job_id), time=timestamp())
+
+        def make_event(seq: int, row: st.JobRow | None, outputs: list[st.OutputRow]) -> bytes:
+            event.seq = seq
+            if row is None:
+                event.started.SetInParent()
             else:  # the final Job names its own last event
                 event.finished.job.CopyFrom(job_message(row, outputs))
             return event.SerializeToString()
 
-        if new.final and not self.shared:
-            # Previews only matter while a job runs: their pixels are dropped from the stored log so
-            # it stays small (the events and their seqs stay). Watchers in the next 30 s still replay
-            # from memory, with pixels; later ones from the store, without. Shared, the janitor does
-            # this 30 s later, once every front end has read them.
+        data = self.store.transition(conn, job_id, new, expect, make_event,
+                                     "started" if new == JobState.RUNNING else "finished",
+                                     error=error.SerializeToString() if error is not None else None,
+                                     worker=worker, lease_expired_before=lease_expired_before)
+        return event if data is not None else None
+
+    def _ended(self, job_id: str) -> None:
+        """After a job's `finished` is published (embedded): its live log, previews with pixels, is
+        kept LIVE_LOG_S for watchers, then dropped with those pixels in the stored log (the events
+        and their seqs stay). Shared, the janitor strips them as late, once every front end has
+        read them."""
+        if self.shared:
+            return
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            self._strip_previews(job_id)
+        else:
+            loop.call_soon_threadsafe(loop.call_later, LIVE_LOG_S, self._forget, job_id)
+
+    def _forget(self, job_id: str) -> None:
+        """Embedded, on the serving loop: drop a finished job's live log and its stored previews' pixels."""
+        self._active.pop(job_id, None)
+        self._spawn(asyncio.to_thread(self._strip_previews, job_id))
+
+    def _strip_previews(self, job_id: str) -> None:
+        try:
             self.store.strip_previews(job_id, _without_jpeg)
-        with self._emit_lock:
-            done = self.store.transition(job_id, new, expect, make_event, kind,
-                                         error=error.SerializeToString() if error is not None else None,
-                                         worker=worker, lease_expired_before=lease_expired_before)
-            if done is None:
-                return False
-            if active is not None and not self.shared:
-                active.state = new
-            self._publish(job_id, _parse(done[1]))
-        if new.final and not self.shared:
-            self._forget_later(job_id)
-        return True
+        except Exception as exc:  # only their size is at stake; the next start strips them
+            log.warning("could not strip the previews of %s: %s", job_id, exc)
 
     def _forget_later(self, job_id: str, delay: float = LIVE_LOG_S) -> None:
-        """Drop a finished job's live log after a while; later watchers replay from the database."""
+        """Shared: drop a finished job's live log after a while; later watchers replay from the database."""
         loop = self.loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(loop.call_later, delay, self._active.pop, job_id, None)
@@ -491,7 +549,8 @@ class JobManager:
             assert chosen is not None
             return chosen, {job.job_id: job.skips for job in window.ordered()}
 
-        def make_event(row: st.JobRow, outputs: list[st.OutputRow], seq: int) -> bytes:
+        def make_event(seq: int, row: st.JobRow | None, outputs: list[st.OutputRow]) -> bytes:
+            assert row is not None  # the claimed job, as it was queued
             return job_pb2.JobEvent(job=job_name(row.id), seq=seq, time=timestamp(),
                                     started=job_pb2.JobStarted()).SerializeToString()
 
@@ -540,70 +599,128 @@ class JobManager:
 
     # -- the event thread ------------------------------------------------------------------
     def _pump(self) -> None:
-        while (message := self._inbox.get()) is not None:
-            began = time.monotonic()
-            while True:
+        """Record what workers send, in arrival order. Messages that arrived together (a job's
+        last output and its finish, a step's progress and preview, several workers' reports)
+        commit as one transaction: one commit and one wake-up of the serving loop for all."""
+        while True:
+            batch = [self._inbox.get()]
+            while len(batch) < MAX_BATCH:
                 try:
-                    self._handle(message)
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
                     break
-                except Exception as exc:  # a store failure must not stop the events of other jobs
-                    if st.is_connection_error(exc) and time.monotonic() - began < STORE_RETRY_S:
-                        log.warning("database unreachable recording %s; retrying", type(message).__name__)
-                        time.sleep(0.5)  # every write is idempotent or compare-and-set: retrying is safe
-                        continue
-                    log.exception("could not record %s", type(message).__name__)
-                    break
+            messages = [m for m in batch if m is not None]
+            try:
+                self._record(messages, {id(m): self._output_of(m) for m in messages if isinstance(m, msg.Output)})
+            except Exception:  # never: _record reports its failures; but this thread must not die
+                log.exception("could not record %d messages", len(messages))
+            if len(messages) < len(batch):  # stop() was called
+                return
 
-    def _handle(self, message: msg.Message) -> None:
+    def _record(self, batch: list[msg.Message], outputs: dict[int, job_pb2.JobOutput | None]) -> None:
+        """Store ``batch`` in one transaction, then publish its events; ``outputs`` holds each
+        Output message's JobOutput, its image already stored (None: storing it failed)."""
+        began = time.monotonic()
+        while True:
+            try:
+                stored = self._commit(batch, outputs)
+                break
+            except Exception as exc:  # a store failure must not stop the events of other jobs
+                if st.is_connection_error(exc) and time.monotonic() - began < STORE_RETRY_S:
+                    log.warning("database unreachable recording %d messages; retrying", len(batch))
+                    time.sleep(0.5)  # the transaction rolled back, and its moves are compare-and-set: retrying is safe
+                    continue
+                if len(batch) == 1:
+                    log.exception("could not record %s", type(batch[0]).__name__)
+                    return
+                for message in batch:  # one message the store refuses must not lose the others
+                    self._record([message], outputs)
+                return
+        for message, event in stored:
+            if isinstance(message, msg.Started) and event is not None:
+                log.info("job %s %s started", message.job_id, self._active[message.job_id].capability)
+            elif isinstance(message, msg.Finished):
+                self._finished(message, event)
+
+    def _commit(self, batch: list[msg.Message], outputs: dict[int, job_pb2.JobOutput | None]
+                ) -> list[tuple[msg.Message, job_pb2.JobEvent | None]]:
+        """One transaction for ``batch``; once it commits, its events are published, watchers woken once."""
+        with self._emit_lock:
+            with self.store.begin() as conn:
+                stored = [(m, self._write(conn, m, outputs)) for m in batch]
+            woken = {}
+            for message, event in stored:
+                if event is not None and (job := self._publish(message.job_id, event)) is not None:
+                    woken[id(job)] = job
+            self._wake(*woken.values())
+        return stored
+
+    def _write(self, conn: Connection, message: msg.Message, outputs: dict[int, job_pb2.JobOutput | None]
+               ) -> job_pb2.JobEvent | None:
+        """Store one message's writes in ``conn``'s transaction; returns its event to publish."""
         job_id = message.job_id
         if isinstance(message, msg.Started):
-            self._transition(job_id, JobState.RUNNING)
-            log.info("job %s %s started", job_id, self._active[job_id].capability)
-        elif isinstance(message, msg.Progress):
-            self.emit(job_id, "progress", job_pb2.JobProgress(step=message.step, total_steps=message.total,
-                                                             stage=message.stage, model=message.model))
-        elif isinstance(message, msg.Preview):
-            self.emit(job_id, "preview", job_pb2.JobPreview(jpeg=message.jpeg, step=message.step))
-        elif isinstance(message, msg.Output):
-            self._store_output(message)
-        elif isinstance(message, msg.Finished):
-            self._finish(message)
+            return self._move(conn, job_id, JobState.RUNNING, None, expect=JobState.QUEUED)
+        if isinstance(message, msg.Progress):
+            return self._append(conn, job_id, "progress", job_pb2.JobProgress(
+                step=message.step, total_steps=message.total, stage=message.stage, model=message.model))
+        if isinstance(message, msg.Preview):
+            return self._append(conn, job_id, "preview", job_pb2.JobPreview(jpeg=message.jpeg, step=message.step))
+        if isinstance(message, msg.Output):
+            output = outputs[id(message)]
+            if output is None:
+                return None
+            # None when its lease ran out and the job failed meanwhile: a result nobody will read.
+            event = self._append(conn, job_id, "output", output)
+            if event is not None:
+                self.store.add_output(conn, job_id, output.index, output.SerializeToString())
+            return event
+        error = message.error or self._output_errors.get(job_id)
+        state = (JobState.SUCCEEDED if error is None
+                 else JobState.CANCELLED if error.code == CANCELLED_CODE else JobState.FAILED)
+        return self._move(conn, job_id, state, error, expect=JobState.RUNNING, worker=self._claimed.get(job_id))
 
-    def _store_output(self, message: msg.Output) -> None:
+    def _output_of(self, message: msg.Output) -> job_pb2.JobOutput | None:
+        """Store an output's image (encoding it as PNG) and build its JobOutput, outside any
+        transaction; None when storing failed (the job then fails with that error)."""
         output = job_pb2.JobOutput(index=message.index, seed=message.seed,
                                    parameters=json.dumps(message.parameters, sort_keys=True))
         try:
             info = message.asset
             if message.image is not None:
                 info = self.assets.put_image(message.image, message.parameters)
-        except PalettaError as exc:
+        except Exception as exc:  # the job fails with this error rather than succeed without its output
+            if not isinstance(exc, PalettaError):
+                log.exception("could not store output %d of %s", message.index, message.job_id)
+                exc = PalettaError(f"storing output {message.index} failed: {type(exc).__name__}: {exc}"[:1000])
             self._output_errors[message.job_id] = to_status(exc)
-            return
+            return None
         if info is not None:
             output.asset.CopyFrom(image_pb2.Asset(name=info.name, mime=info.mime, width=info.width,
                                                   height=info.height, size_bytes=info.size_bytes))
         if message.result_type:
             getattr(output, RESULT_FIELDS[message.result_type]).ParseFromString(message.result)
-        if self.shared and self.get_row(message.job_id).state != JobState.RUNNING:
-            return  # its lease ran out and the job failed meanwhile: a result nobody will read
-        self.store.add_output(message.job_id, output.index, output.SerializeToString())
-        self.emit(message.job_id, "output", output)
+        return output
 
-    def _finish(self, message: msg.Finished) -> None:
+    def _finished(self, message: msg.Finished, event: job_pb2.JobEvent | None) -> None:
+        """After a Finished message is recorded and its event published (None: its lease was lost)."""
         error = message.error or self._output_errors.pop(message.job_id, None)
-        state = (JobState.SUCCEEDED if error is None
-                 else JobState.CANCELLED if error.code == CANCELLED_CODE else JobState.FAILED)
-        worker = self._claimed.get(message.job_id)
-        done = self._transition(message.job_id, state, error, expect=JobState.RUNNING if self.shared else None,
-                                worker=worker)
         self._claimed.pop(message.job_id, None)
-        log.info("job %s %s in %.2f s%s", message.job_id, state.value.lower() if done else "not recorded (lease lost)",
+        if event is not None:
+            self._ended(message.job_id)
+        state = JobState(STATE_NAMES[event.finished.job.state]) if event is not None else None
+        log.info("job %s %s in %.2f s%s", message.job_id, state.value.lower() if state else "not recorded (lease lost)",
                  message.seconds, f" ({error.message})" if error is not None and state == JobState.FAILED else "")
 
 
 def _queue_full(max_queue: int) -> ResourceExhausted:
     return ResourceExhausted(f"the queue is full ({max_queue} jobs); retry later",
                              reason="QUEUE_FULL", retry_after_s=5.0)
+
+
+def _wake_all(jobs: tuple[ActiveJob, ...]) -> None:
+    for job in jobs:
+        job.wake()
 
 
 def _without_jpeg(data: bytes) -> bytes:

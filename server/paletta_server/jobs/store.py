@@ -15,10 +15,11 @@ the row locks and the notifications: one process owns the file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     and_,
+    bindparam,
     create_engine,
     event,
     func,
@@ -42,8 +44,9 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from paletta_server.jobs.state import FINAL, JobState
@@ -103,10 +106,79 @@ class OutputRow(Base):
     approved_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
-# (job row after the change, its outputs, the event's seq) → the serialized event
-MakeEvent = Callable[[JobRow, list[OutputRow], int], bytes]
+# (the event's seq, the job row after the change and its outputs — loaded for a final state only;
+# a claim gives the claimed row as it was queued) → the serialized event
+MakeEvent = Callable[[int, JobRow | None, list[OutputRow]], bytes]
 # the claim's candidates, in queue order → (the chosen job, new skips of the others)
 PickJob = Callable[[list[JobRow]], tuple[str, dict[str, int]]]
+
+
+_JOBS, _EVENTS, _OUTPUTS = JobRow.__table__, EventRow.__table__, OutputRow.__table__
+# Every event's statements, built once (SQLAlchemy then only looks up their compiled form): the
+# next seq of a job that is not over, and the event's row.
+_NEXT_SEQ = (update(_JOBS).where(_JOBS.c.id == bindparam("job_id"), *(_JOBS.c.state != state for state in _FINAL))
+             .values(last_seq=_JOBS.c.last_seq + 1).returning(_JOBS.c.last_seq))
+_ADD_EVENT = insert(_EVENTS)
+_ADD_JOB = insert(_JOBS)
+# Storing an output again (a retry after a lost connection) changes nothing.
+_ADD_OUTPUT = {"sqlite": sqlite.insert(_OUTPUTS).on_conflict_do_nothing(),
+               "postgresql": postgresql.insert(_OUTPUTS).on_conflict_do_nothing()}
+_JOB = select(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
+_OUTPUTS_OF = select(_OUTPUTS).where(_OUTPUTS.c.job_id == bindparam("job_id")).order_by(_OUTPUTS.c.index)
+
+
+@functools.cache
+def _move_statement(started: bool, ended: bool, error: bool, worker: bool, lease: bool) -> Any:
+    """A state change's statement, built once per shape: the job moves from ``:expect`` to ``:new``
+    (if ``worker``, only while ``:by_worker`` holds it; if ``lease``, only if its lease ran out before
+    ``:lease_expired_before``), setting started / ended to ``:now`` and its error to ``:error_status``;
+    returns the new seq."""
+    jobs = _JOBS
+    values: dict[str, Any] = {"state": bindparam("new"), "last_seq": jobs.c.last_seq + 1}
+    if started:
+        values["started"] = bindparam("now")
+    if ended:
+        values["ended"] = bindparam("now")
+    if error:
+        values["error"] = bindparam("error_status")
+    where = [jobs.c.id == bindparam("job_id"), jobs.c.state == bindparam("expect")]
+    if worker:
+        where.append(jobs.c.worker == bindparam("by_worker"))
+    if lease:
+        where.append(jobs.c.lease_until < bindparam("lease_expired_before"))
+    return update(jobs).where(*where).values(**values).returning(jobs.c.last_seq)
+
+
+class _Compiled:
+    """A Core statement compiled once for one database, run on the DB-API cursor of the caller's
+    transaction, its values passed through their column types' bind processors as SQLAlchemy
+    passes them. For the writes every event makes: SQLAlchemy's own work per execution, done
+    holding the GIL while the device thread runs its pipeline, cost more than the database's."""
+
+    def __init__(self, statement: Any, dialect: Any):
+        self.dialect = dialect
+        compiled = statement.compile(dialect=dialect)
+        self.sql = str(compiled)
+        self.order = list(compiled.positiontup or []) if compiled.positional else None
+        self.fixed = dict(compiled.params)  # every parameter, with the values written into the statement
+        self.processors = {name: process for name, bind in compiled.binds.items() if name in self.fixed
+                           and (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None}
+
+    def execute(self, conn: Connection, **values: Any) -> Any:
+        """Run with ``values`` for its parameters; returns the DB-API cursor."""
+        params = {**self.fixed, **values}
+        for name, process in self.processors.items():
+            params[name] = process(params[name])
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(self.sql, [params[name] for name in self.order] if self.order is not None else params)
+        except self.dialect.loaded_dbapi.Error as exc:  # raised as SQLAlchemy would: wrapped, a lost connection dropped
+            lost = self.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
+            if lost:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(self.sql, params, exc, self.dialect.loaded_dbapi.Error,
+                                      connection_invalidated=lost, dialect=self.dialect) from exc
+        return cursor
 
 
 def now() -> datetime:
@@ -187,6 +259,14 @@ class JobStore:
             self._lock = threading.Lock()
         migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._compiled: dict[Any, _Compiled] = {}
+
+    def _execute(self, conn: Connection, statement: Any, **values: Any) -> Any:
+        """Run one of the module's prebuilt write statements (see _Compiled); returns the cursor."""
+        compiled = self._compiled.get(statement)
+        if compiled is None:
+            compiled = self._compiled.setdefault(statement, _Compiled(statement, self.engine.dialect))
+        return compiled.execute(conn, **values)
 
     def session(self) -> Session:
         return self._sessions()
@@ -201,19 +281,24 @@ class JobStore:
             if kind == "queued":
                 conn.execute(select(func.pg_notify(QUEUE_CHANNEL, job_id)))
 
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """One write transaction (on SQLite under the store's write lock): the writes below take
+        its connection, so several of them commit together or not at all."""
+        with self._lock, self.engine.begin() as conn:
+            yield conn
+
     # -- jobs ----------------------------------------------------------------------------
-    def create(self, capability: str, spec: bytes, priority: int, request_id: str, model_key: str,
-               cancel_on_disconnect: bool) -> JobRow:
+    def create(self, conn: Connection, capability: str, spec: bytes, priority: int, request_id: str,
+               model_key: str, cancel_on_disconnect: bool) -> JobRow:
         """Raises IntegrityError when ``request_id`` is taken (another front end won the race)."""
         row = JobRow(
             id=uuid.uuid4().hex, capability=capability, state=JobState.QUEUED.value, priority=priority,
             request_id=request_id or None, spec=spec, model_key=model_key,
             cancel_on_disconnect=cancel_on_disconnect, created=now(), last_seq=0, cancel_requested=False,
-            skips=0, previews_stripped=False,
+            skips=0, previews_stripped=False, worker=None, lease_until=None, started=None, ended=None, error=None,
         )
-        with self._lock, self.session() as s:
-            s.add(row)
-            s.commit()
+        self._execute(conn, _ADD_JOB, **{c.name: getattr(row, c.name) for c in _JOBS.c})
         return row
 
     def get(self, job_id: str) -> JobRow | None:
@@ -246,7 +331,7 @@ class JobStore:
         with self.session() as s:
             return s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == JobState(state).value)) or 0
 
-    def position(self, row: JobRow, max_skips: int) -> int:
+    def position(self, conn: Connection, row: JobRow, max_skips: int) -> int:
         """Jobs before this queued one: those running, and those queued ahead of it."""
         jobs = JobRow.__table__
         effective = jobs.c.priority + jobs.c.skips // max_skips
@@ -255,43 +340,35 @@ class JobStore:
         ahead = or_(effective > mine, and_(effective == mine, earlier))
         query = select(func.count()).select_from(jobs).where(or_(
             jobs.c.state == JobState.RUNNING.value, and_(jobs.c.state == JobState.QUEUED.value, ahead)))
-        with self.engine.connect() as conn:
-            return conn.execute(query).scalar_one()
+        return conn.execute(query).scalar_one()
 
     # -- the state machine's writes --------------------------------------------------------
-    def transition(self, job_id: str, new: JobState, expect: JobState, make_event: MakeEvent, kind: str, *,
-                   error: bytes | None = None, worker: str | None = None,
-                   lease_expired_before: datetime | None = None) -> tuple[JobRow, bytes] | None:
+    def transition(self, conn: Connection, job_id: str, new: JobState, expect: JobState, make_event: MakeEvent,
+                   kind: str, *, error: bytes | None = None, worker: str | None = None,
+                   lease_expired_before: datetime | None = None) -> bytes | None:
         """Move a job from ``expect`` to ``new`` (a move the manager's state machine has checked) and
-        store its event, in one transaction; None when the job is no longer in ``expect`` (or no
-        longer ``worker``'s, or its lease was renewed): another process moved it first."""
-        jobs, events = JobRow.__table__, EventRow.__table__
-        values: dict[str, Any] = {"state": new.value, "last_seq": jobs.c.last_seq + 1}
-        if new == JobState.RUNNING:
-            values["started"] = now()
-        if new in FINAL:
-            values["ended"] = now()
-        if error is not None:
-            values["error"] = error
-        where = [jobs.c.id == job_id, jobs.c.state == expect.value]
-        if worker is not None:
-            where.append(jobs.c.worker == worker)
-        if lease_expired_before is not None:
-            where.append(jobs.c.lease_until < lease_expired_before)
-        with self._lock, self.session() as s, s.begin():
-            seq = s.execute(update(jobs).where(*where).values(**values).returning(jobs.c.last_seq)).scalar()
-            if seq is None:
-                return None
-            row, data = self._event_of_row(s, job_id, seq, make_event)
-            s.execute(insert(events).values(job_id=job_id, seq=seq, kind=kind, data=data))
-            self._notify(s, job_id, seq, kind)
-        return row, data
+        store its event, in ``conn``'s transaction; returns the event, or None when the job is no
+        longer in ``expect`` (or no longer ``worker``'s, or its lease was renewed): another process
+        moved it first."""
+        statement = _move_statement(new == JobState.RUNNING, new in FINAL, error is not None, worker is not None,
+                                    lease_expired_before is not None)
+        moved = self._execute(conn, statement, job_id=job_id, expect=expect.value, new=new.value, now=now(),
+                              error_status=error, by_worker=worker,
+                              lease_expired_before=lease_expired_before).fetchone()
+        if moved is None:
+            return None
+        seq = moved[0]
+        data = make_event(seq, *self._job_of(conn, job_id)) if new in FINAL else make_event(seq, None, [])
+        self._add_event(conn, job_id, seq, kind, data)
+        return data
 
-    def _event_of_row(self, s: Session, job_id: str, seq: int, make_event: MakeEvent) -> tuple[JobRow, bytes]:
-        row = s.get(JobRow, job_id, populate_existing=True)
-        assert row is not None
-        outputs = list(s.scalars(select(OutputRow).where(OutputRow.job_id == job_id).order_by(OutputRow.index)))
-        return row, make_event(row, outputs, seq)
+    def _job_of(self, conn: Connection, job_id: str) -> tuple[JobRow, list[OutputRow]]:
+        row = JobRow(**conn.execute(_JOB, {"job_id": job_id}).one()._mapping)
+        return row, [OutputRow(**r._mapping) for r in conn.execute(_OUTPUTS_OF, {"job_id": job_id})]
+
+    def _add_event(self, conn: Connection, job_id: str, seq: int, kind: str, data: bytes) -> None:
+        self._execute(conn, _ADD_EVENT, job_id=job_id, seq=seq, kind=kind, data=data)
+        self._notify(conn, job_id, seq, kind)
 
     def claim(self, worker: str, lease_until: datetime, pick: PickJob, make_event: MakeEvent, *,
               limit: int, max_skips: int) -> tuple[JobRow, bytes] | None:
@@ -322,10 +399,10 @@ class JobStore:
                                              jobs.c.id.not_in([c.id for c in candidates]))
                      .with_for_update(skip_locked=True))
             s.execute(update(jobs).where(jobs.c.id.in_(older.scalar_subquery())).values(skips=jobs.c.skips + 1))
-            row, data = self._event_of_row(s, chosen_id, seq, make_event)
+            data = make_event(seq, chosen, [])
             s.execute(insert(events).values(job_id=chosen_id, seq=seq, kind="started", data=data))
             self._notify(s, chosen_id, seq, "started")
-        return row, data
+        return chosen, data
 
     def heartbeat(self, worker: str, job_ids: Sequence[str], lease_until: datetime) -> int:
         """Renew ``worker``'s lease on the jobs it runs; returns how many it still holds."""
@@ -363,25 +440,22 @@ class JobStore:
                                      .where(JobRow.__table__.c.id == job_id)).scalar())
 
     # -- events --------------------------------------------------------------------------
-    def append_event(self, job_id: str, kind: str, build: Callable[[int], bytes]) -> tuple[int, bytes] | None:
-        """Assign the next seq, let ``build(seq)`` serialise the event, persist it; return (seq, bytes),
-        or None when the job is already over (a late message from a worker that lost its lease).
+    def append_event(self, conn: Connection, job_id: str, kind: str, build: Callable[[int], bytes]) -> bytes | None:
+        """Assign the next seq, let ``build(seq)`` serialise the event, store it in ``conn``'s
+        transaction; returns the event, or None when the job is already over (a late message from
+        a worker that lost its lease).
 
-        The hot path of every progress event, so it uses SQLAlchemy Core in one short transaction
-        (an ORM session costs ~30x more per event).
+        The hot path of every progress event: statements built and compiled once, run on the
+        DB-API cursor (an ORM session cost ~30x more per event, building Core statements each
+        time ~6x).
         """
-        jobs, events = JobRow.__table__, EventRow.__table__
-        with self._lock, self.engine.begin() as conn:
-            seq = conn.execute(
-                update(jobs).where(jobs.c.id == job_id, jobs.c.state.not_in(_FINAL))
-                .values(last_seq=jobs.c.last_seq + 1).returning(jobs.c.last_seq)
-            ).scalar()
-            if seq is None:
-                return None
-            data = build(seq)
-            conn.execute(insert(events).values(job_id=job_id, seq=seq, kind=kind, data=data))
-            self._notify(conn, job_id, seq, kind)
-            return seq, data
+        row = self._execute(conn, _NEXT_SEQ, job_id=job_id).fetchone()
+        if row is None:
+            return None
+        seq = row[0]
+        data = build(seq)
+        self._add_event(conn, job_id, seq, kind, data)
+        return data
 
     def strip_previews(self, job_id: str, strip: Callable[[bytes], bytes]) -> int:
         """Rewrite a finished job's preview events with ``strip`` (drops their pixels); returns how many."""
@@ -409,15 +483,9 @@ class JobStore:
                                      .order_by(events.c.seq)).scalars())
 
     # -- outputs -------------------------------------------------------------------------
-    def add_output(self, job_id: str, index: int, data: bytes) -> None:
+    def add_output(self, conn: Connection, job_id: str, index: int, data: bytes) -> None:
         """Store one output; storing the same one again (a retry after a lost connection) is a no-op."""
-        outputs = OutputRow.__table__
-        try:
-            with self._lock, self.engine.begin() as conn:
-                conn.execute(insert(outputs).values(job_id=job_id, index=index, data=data, approved=False))
-        except IntegrityError:
-            if not any(o.index == index for o in self.outputs(job_id)):
-                raise
+        self._execute(conn, _ADD_OUTPUT[self.dialect], job_id=job_id, index=index, data=data, approved=False)
 
     def outputs(self, job_id: str) -> list[OutputRow]:
         with self.session() as s:
