@@ -14,7 +14,6 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -25,7 +24,6 @@ from paletta_server.errors import FieldViolation, InvalidArgument, NotFound, Res
 from paletta_server.storage.png import encode_png
 
 _NAME = re.compile(r"^assets/([0-9a-f]{64})$")
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 # (signature test on the first 12 bytes, the format's own parser) for each format in _FORMATS.
 _PARSERS: tuple[tuple[Callable[[bytes], bool], Callable[[BinaryIO], ImageFile.ImageFile]], ...] = (
@@ -36,8 +34,6 @@ _PARSERS: tuple[tuple[Callable[[bytes], bool], Callable[[BinaryIO], ImageFile.Im
 # 8 bits per channel; 16-bit and float images (I;16, I, F) are refused rather than silently clipped.
 SUPPORTED_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK"}
 FULL_DECODE_BYTES = 8 * 1024 * 1024
-# Writes an asset's sidecar while the caller writes the asset itself: their fsyncs wait side by side.
-_SIDECARS = ThreadPoolExecutor(1, thread_name_prefix="paletta-sidecars")
 
 
 @dataclass(frozen=True)
@@ -121,20 +117,13 @@ class AssetStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         # Partial files of uploads or writes cut short by a crash; finished assets are never temporary.
-        for orphan in self.root.glob(".upload-*"):
+        for orphan in [*self.root.glob(".upload-*"), *self.root.glob("*/.tmp-*")]:
             orphan.unlink(missing_ok=True)
-        # An asset and its sidecar are each written atomically, but not together: a crash between
-        # the two leaves one without the other, which nothing refers to yet (a job records an
-        # output once both are written).
-        files = set(self.root.glob("*/*"))
-        for path in files:
-            if path.name.startswith(".tmp-"):
-                path.unlink(missing_ok=True)
-            elif path.suffix == ".json":
-                if path.with_suffix("") not in files:
-                    path.unlink(missing_ok=True)
-            elif _DIGEST.match(path.name) and path.with_suffix(".json") not in files:
-                path.unlink(missing_ok=True)
+        # The sidecar is written before its asset, so a crash between the two leaves a sidecar
+        # describing nothing.
+        for sidecar in self.root.glob("*/*.json"):
+            if not sidecar.with_suffix("").exists():
+                sidecar.unlink(missing_ok=True)
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
 
@@ -169,11 +158,8 @@ class AssetStore:
         # Both checked: an asset whose sidecar was lost is made whole by storing it again.
         if not path.exists() or not path.with_suffix(".json").exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            sidecar = _SIDECARS.submit(_atomic_write, path.with_suffix(".json"), json.dumps(asdict(info)).encode())
-            try:
-                _atomic_write(path, data)
-            finally:
-                sidecar.result()
+            _atomic_write(path.with_suffix(".json"), json.dumps(asdict(info)).encode())
+            _atomic_write(path, data)
         return info
 
     def get(self, name: str, field_name: str = "name") -> AssetInfo:
