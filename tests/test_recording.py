@@ -3,7 +3,7 @@
 Messages that arrive together commit as one transaction yet replay in order after a restart;
 one the store refuses does not lose the others; a job and its `queued` event commit together;
 an output stored twice stays one; preview pixels leave the store when the live log goes; a
-crash mid-write leaves no lone asset file or sidecar.
+crash between a sidecar and its asset leaves no lone sidecar, and an asset is never removed.
 """
 
 from __future__ import annotations
@@ -243,18 +243,22 @@ def test_a_restart_strips_the_previews_a_stop_left_with_pixels(tmp_path):
         manager.store.dispose()
 
 
-def test_a_crash_between_an_asset_and_its_sidecar_leaves_neither(tmp_path):
+def test_a_restart_removes_a_lone_sidecar_and_never_an_asset(tmp_path):
+    """The sidecar is written before its asset, so a crash between the two leaves a sidecar describing
+    nothing (removed at start); an asset is never removed, even one whose sidecar was lost: storing
+    it again makes it whole."""
     assets = AssetStore(tmp_path / "assets", 1 << 24, 1 << 24)
     kept = assets.put_image(Image.new("RGB", (8, 8), (1, 2, 3)))
-    lone_blob = assets.put_image(Image.new("RGB", (8, 8), (4, 5, 6)))
+    bare = assets.put_image(Image.new("RGB", (8, 8), (4, 5, 6)))
     lone_sidecar = assets.put_image(Image.new("RGB", (8, 8), (7, 8, 9)))
-    assets.path(lone_blob.name).with_suffix(".json").unlink()
+    assets.path(bare.name).with_suffix(".json").unlink()
     blob_of_sidecar = assets.path(lone_sidecar.name)
     blob_of_sidecar.unlink()
-    lone_blob_path = assets._path(lone_blob.name[len("assets/"):])
-    assert lone_blob_path.exists() and blob_of_sidecar.with_suffix(".json").exists()
+    bare_path = assets._path(bare.name[len("assets/"):])
     AssetStore(tmp_path / "assets", 1 << 24, 1 << 24)  # a restart
-    assert not lone_blob_path.exists() and not blob_of_sidecar.with_suffix(".json").exists()
+    assert not blob_of_sidecar.with_suffix(".json").exists()
+    assert bare_path.exists() and assets.put_image(Image.new("RGB", (8, 8), (4, 5, 6))) == bare
+    assert assets.get(bare.name) == bare
     assert assets.get(kept.name) == kept and assets.path(kept.name).read_bytes()[:4] == b"\x89PNG"
 
 
