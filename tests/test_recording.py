@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from sqlalchemy import event
-from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from paletta.v1 import job_pb2
 from paletta_server.jobs import manager as manager_module
 from paletta_server.jobs import messages as msg
 from paletta_server.jobs.manager import JobManager
 from paletta_server.jobs.state import JobState
-from paletta_server.jobs.store import JobStore, is_connection_error
+from paletta_server.jobs.store import JobStore
 from paletta_server.storage import AssetStore
 from tests.pg import both_stores
 
@@ -260,25 +259,3 @@ def test_a_restart_removes_a_lone_sidecar_and_never_an_asset(tmp_path):
     assert bare_path.exists() and assets.put_image(Image.new("RGB", (8, 8), (4, 5, 6))) == bare
     assert assets.get(bare.name) == bare
     assert assets.get(kept.name) == kept and assets.path(kept.name).read_bytes()[:4] == b"\x89PNG"
-
-
-def test_a_connection_lost_under_an_event_write_reads_as_one(pg_cluster):
-    """The event writes run on the DB-API cursor; their failures still reach the recorder as
-    SQLAlchemy's (a lost connection is retried, a taken request_id is recognised)."""
-    store = JobStore(pg_cluster.new_database())
-    try:
-        with store.begin() as conn:
-            row = store.create(conn, "generate", b"", 2, "once", "", False)
-        with pytest.raises(IntegrityError), store.begin() as conn:
-            store.create(conn, "generate", b"", 2, "once", "", False)
-        with pytest.raises(DBAPIError) as lost, store.begin() as conn:
-            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-            with store.engine.connect() as other:
-                other.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
-            store.append_event(conn, row.id, "progress", lambda seq: b"")
-        assert is_connection_error(lost.value) and lost.value.connection_invalidated
-        with store.begin() as conn:  # the pool replaced the lost connection
-            assert store.append_event(conn, row.id, "progress", lambda seq: b"") == b""
-        assert store.get(row.id).last_seq == 1
-    finally:
-        store.dispose()

@@ -149,38 +149,6 @@ def _move_statement(started: bool, ended: bool, error: bool, worker: bool, lease
     return update(jobs).where(*where).values(**values).returning(jobs.c.last_seq)
 
 
-class _Compiled:
-    """A Core statement compiled once for one database, run on the DB-API cursor of the caller's
-    transaction, its values passed through their column types' bind processors as SQLAlchemy
-    passes them. For the writes every event makes: SQLAlchemy's own work per execution, done
-    holding the GIL while the device thread runs its pipeline, cost more than the database's."""
-
-    def __init__(self, statement: Any, dialect: Any):
-        self.dialect = dialect
-        compiled = statement.compile(dialect=dialect)
-        self.sql = str(compiled)
-        self.order = list(compiled.positiontup or []) if compiled.positional else None
-        self.fixed = dict(compiled.params)  # every parameter, with the values written into the statement
-        self.processors = {name: process for name, bind in compiled.binds.items() if name in self.fixed
-                           and (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None}
-
-    def execute(self, conn: Connection, **values: Any) -> Any:
-        """Run with ``values`` for its parameters; returns the DB-API cursor."""
-        params = {**self.fixed, **values}
-        for name, process in self.processors.items():
-            params[name] = process(params[name])
-        cursor = conn.connection.cursor()
-        try:
-            cursor.execute(self.sql, [params[name] for name in self.order] if self.order is not None else params)
-        except self.dialect.loaded_dbapi.Error as exc:  # raised as SQLAlchemy would: wrapped, a lost connection dropped
-            lost = self.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
-            if lost:
-                conn.invalidate(exc)
-            raise DBAPIError.instance(self.sql, params, exc, self.dialect.loaded_dbapi.Error,
-                                      connection_invalidated=lost, dialect=self.dialect) from exc
-        return cursor
-
-
 def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -259,14 +227,6 @@ class JobStore:
             self._lock = threading.Lock()
         migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._compiled: dict[Any, _Compiled] = {}
-
-    def _execute(self, conn: Connection, statement: Any, **values: Any) -> Any:
-        """Run one of the module's prebuilt write statements (see _Compiled); returns the cursor."""
-        compiled = self._compiled.get(statement)
-        if compiled is None:
-            compiled = self._compiled.setdefault(statement, _Compiled(statement, self.engine.dialect))
-        return compiled.execute(conn, **values)
 
     def session(self) -> Session:
         return self._sessions()
@@ -298,7 +258,7 @@ class JobStore:
             cancel_on_disconnect=cancel_on_disconnect, created=now(), last_seq=0, cancel_requested=False,
             skips=0, previews_stripped=False, worker=None, lease_until=None, started=None, ended=None, error=None,
         )
-        self._execute(conn, _ADD_JOB, **{c.name: getattr(row, c.name) for c in _JOBS.c})
+        conn.execute(_ADD_JOB, {c.name: getattr(row, c.name) for c in _JOBS.c})
         return row
 
     def get(self, job_id: str) -> JobRow | None:
@@ -350,14 +310,13 @@ class JobStore:
         store its event, in ``conn``'s transaction; returns the event, or None when the job is no
         longer in ``expect`` (or no longer ``worker``'s, or its lease was renewed): another process
         moved it first."""
+        params = {"job_id": job_id, "expect": expect.value, "new": new.value, "now": now(), "error_status": error,
+                  "by_worker": worker, "lease_expired_before": lease_expired_before}
         statement = _move_statement(new == JobState.RUNNING, new in FINAL, error is not None, worker is not None,
                                     lease_expired_before is not None)
-        moved = self._execute(conn, statement, job_id=job_id, expect=expect.value, new=new.value, now=now(),
-                              error_status=error, by_worker=worker,
-                              lease_expired_before=lease_expired_before).fetchone()
-        if moved is None:
+        seq = conn.execute(statement, params).scalar()
+        if seq is None:
             return None
-        seq = moved[0]
         data = make_event(seq, *self._job_of(conn, job_id)) if new in FINAL else make_event(seq, None, [])
         self._add_event(conn, job_id, seq, kind, data)
         return data
@@ -367,7 +326,7 @@ class JobStore:
         return row, [OutputRow(**r._mapping) for r in conn.execute(_OUTPUTS_OF, {"job_id": job_id})]
 
     def _add_event(self, conn: Connection, job_id: str, seq: int, kind: str, data: bytes) -> None:
-        self._execute(conn, _ADD_EVENT, job_id=job_id, seq=seq, kind=kind, data=data)
+        conn.execute(_ADD_EVENT, {"job_id": job_id, "seq": seq, "kind": kind, "data": data})
         self._notify(conn, job_id, seq, kind)
 
     def claim(self, worker: str, lease_until: datetime, pick: PickJob, make_event: MakeEvent, *,
@@ -445,14 +404,12 @@ class JobStore:
         transaction; returns the event, or None when the job is already over (a late message from
         a worker that lost its lease).
 
-        The hot path of every progress event: statements built and compiled once, run on the
-        DB-API cursor (an ORM session cost ~30x more per event, building Core statements each
-        time ~6x).
+        The hot path of every progress event: prebuilt Core statements (an ORM session costs
+        ~30x more per event, building the statements each time ~3x).
         """
-        row = self._execute(conn, _NEXT_SEQ, job_id=job_id).fetchone()
-        if row is None:
+        seq = conn.execute(_NEXT_SEQ, {"job_id": job_id}).scalar()
+        if seq is None:
             return None
-        seq = row[0]
         data = build(seq)
         self._add_event(conn, job_id, seq, kind, data)
         return data
@@ -485,7 +442,7 @@ class JobStore:
     # -- outputs -------------------------------------------------------------------------
     def add_output(self, conn: Connection, job_id: str, index: int, data: bytes) -> None:
         """Store one output; storing the same one again (a retry after a lost connection) is a no-op."""
-        self._execute(conn, _ADD_OUTPUT[self.dialect], job_id=job_id, index=index, data=data, approved=False)
+        conn.execute(_ADD_OUTPUT[self.dialect], {"job_id": job_id, "index": index, "data": data, "approved": False})
 
     def outputs(self, job_id: str) -> list[OutputRow]:
         with self.session() as s:
