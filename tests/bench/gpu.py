@@ -739,8 +739,9 @@ def build_full_hyper_lora(res: Results, folder: Path) -> None:
         shapes = FluxTransformer2DModel(**FULL["transformer"])
     generator = torch.Generator("cuda").manual_seed(0)
     tensors = {}
+    blocks = ("transformer_blocks.", "single_transformer_blocks.")
     for name, module in shapes.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+        if isinstance(module, torch.nn.Linear) and name.startswith(blocks):
             for part, shape in (("lora_A", (HYPER_LORA_RANK, module.in_features)),
                                 ("lora_B", (module.out_features, HYPER_LORA_RANK))):
                 tensors[f"transformer.{name}.{part}.weight"] = (
