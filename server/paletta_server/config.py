@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-PROFILES = ("fast", "hyper", "quality", "tiny", "turbo")
+from paletta_server.models.profiles import PROFILES
+
 GiB = 1024**3
 
 
@@ -141,7 +142,7 @@ def load_config(data_dir: Path | None = None, env: dict[str, str] | None = None,
         values["memory_budget"] = parse_size(values["memory_budget"])
     config = replace(base, **values)
     if config.profile not in PROFILES:
-        raise ValueError(f"unknown profile {config.profile!r}; choose one of {', '.join(PROFILES)}")
+        raise ValueError(f"unknown profile {config.profile!r}; choose one of {', '.join(sorted(PROFILES))}")
     for name in ("preview_every", "max_queue", "max_upload_bytes", "max_image_pixels", "cpu_memory_budget_bytes"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
