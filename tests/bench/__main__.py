@@ -12,10 +12,7 @@ Prints, from one run on the tiny models:
       holding `finished`
 
 "Direct" calls run on the server's device thread, between jobs, with the server otherwise idle
-(``on_device``): a torch call from any other thread starts a second OpenMP thread pool, and with
-more OpenMP threads than cores libgomp stops spinning between parallel regions, which slows the
-direct call and every later job alike (by ~40 % on a 2-core VM); a server calls torch from its
-device thread only.
+(``tests.bench.on_device``, which says why).
 and then the per-capability figures of tests/bench/diffusion.py and tests/bench/vision.py
 when those modules are present.
 """
@@ -51,36 +48,11 @@ from paletta.v1 import generate_pb2 as gen  # noqa: E402
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc  # noqa: E402
 from paletta_server.config import load_config  # noqa: E402
 from paletta_server.server import PalettaServer  # noqa: E402
-from tests.bench import NullSink  # noqa: E402
+from tests.bench import NullSink, on_device  # noqa: E402
 from tests.helpers import collect, download, upload  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-
-async def on_device(server: PalettaServer, channel, fn: Callable[[], object]) -> float:
-    """Seconds ``fn()`` takes on the server's device thread, between jobs, the server otherwise idle.
-
-    It runs in the device worker's ``run`` of a small carrier job, before that job (50 ms after
-    the worker took it, so its `queued` event has reached the client by then)."""
-    worker = server.app.worker
-    original = worker.run
-    took: list[float] = []
-
-    def run(assignment):  # noqa: ANN001, ANN202
-        time.sleep(0.05)
-        start = time.perf_counter()
-        fn()
-        took.append(time.perf_counter() - start)
-        original(assignment)
-
-    worker.run = run
-    try:
-        await collect(gen_grpc.GenerateServiceStub(channel).Generate(
-            gen.GenerateRequest(prompt="carrier", width=64, height=64, steps=1, seed=0)))
-    finally:
-        worker.run = original
-    return took[0]
 
 
 def direct_generate(server: PalettaServer, request: gen.GenerateRequest) -> Callable[[], object]:

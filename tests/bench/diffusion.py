@@ -9,7 +9,8 @@ data dir under ``folder`` and stops it; safe to call from inside a running event
 - ``direct_vs_grpc(folder, size=256, steps=4, runs=3) -> dict[str, tuple[float, float, float]]``:
   for edit, inpaint, outpaint, qwen_edit and control, the median seconds of the whole gRPC
   call (inline upload, queue, events, round trip, PNG stored) and of the same engine call made
-  directly on the same resident pipeline, and their ratio (target <= 1.10).
+  directly on the same resident pipeline, on the server's device thread (``on_device``), and
+  their ratio (target <= 1.10).
 - ``style_switch_loads(folder, jobs=20) -> int``: runs ``jobs`` Generate jobs alternating the five
   built-in styles and returns how many times the base model (flux-schnell) was loaded (target 1).
 """
@@ -46,7 +47,7 @@ from paletta.v1 import inpaint_pb2 as inp  # noqa: E402
 from paletta.v1 import inpaint_service_pb2_grpc as inp_grpc  # noqa: E402
 from paletta.v1 import qwen_edit_pb2 as qwen_pb  # noqa: E402
 from paletta.v1 import qwen_edit_service_pb2_grpc as qwen_grpc  # noqa: E402
-from tests.bench import NullSink  # noqa: E402
+from tests.bench import NullSink, on_device  # noqa: E402
 
 STYLES = ("realism", "koda", "tarot", "ghibsky", "anime")
 
@@ -168,15 +169,13 @@ def direct_vs_grpc(folder: Path, size: int = 256, steps: int = 4, runs: int = 3
         for name, (remote, direct) in cases.items():
             await _consume(remote(channel))  # load + warm
             call = direct(server.app)
-            await asyncio.to_thread(call)
+            await on_device(server, channel, call)  # warm
             remote_t, direct_t = [], []
             for _ in range(runs):
                 start = time.perf_counter()
                 await _consume(remote(channel))
                 remote_t.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                await asyncio.to_thread(call)
-                direct_t.append(time.perf_counter() - start)
+                direct_t.append(await on_device(server, channel, call))
             g, d = statistics.median(remote_t), statistics.median(direct_t)
             results[name] = (g, d, g / d)
         return results
