@@ -122,7 +122,61 @@ def test_kontext_edit_size_progress_previews_and_determinism(models):
     c = flux_edit.edit(pipe, Sink(), image=gradient((96, 64)), prompt="make it blue", steps=3, seed=6, guidance=2.5)
     assert a.size == (96, 64)
     assert [s[0] for s in sink.steps] == [1, 2, 3] and len(sink.previews) == 2
+    assert [p.size for p in sink.previews] == [(12, 8), (12, 8)]  # one pixel per latent (VAE factor 8)
     assert (pixels(a) == pixels(b)).all() and not (pixels(a) == pixels(c)).all()
+
+
+def test_linear_preview_maps_latent_channels_to_rgb():
+    import torch
+
+    from paletta_server.engines.common import linear_preview
+
+    latents = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(5, 3, generator=torch.Generator().manual_seed(1)) / 2
+    pending = linear_preview(latents, weights)
+    x = torch.cat([latents.reshape(4, -1).T, torch.ones(15, 1)], dim=1)
+    expected = ((x @ weights).clamp(-1, 1) + 1) * 127.5
+    got = np.asarray(pending.image(), dtype=np.float64)
+    assert pending.ready() and got.shape == (3, 5, 3)  # on the CPU there is nothing to wait for
+    assert np.abs(got - expected.reshape(3, 5, 3).numpy()).max() <= 1.0
+    assert len(np.unique(got)) > 10  # not a flat image
+
+
+def test_a_preview_is_sent_once_its_pixels_land_and_one_still_in_flight_at_the_end_is_dropped():
+    import torch
+
+    from paletta_server.engines.common import PendingPreview, step_callback
+
+    class Copy:  # a CUDA event's query(): the copy lands after a number of checks
+        def __init__(self, checks: int):
+            self.checks = checks
+
+        def query(self) -> bool:
+            self.checks -= 1
+            return self.checks < 0
+
+    calls: list[tuple] = []
+
+    class Recorder(Sink):
+        def progress(self, step, total, stage):
+            calls.append(("progress", step))
+
+        def preview(self, image, step):
+            calls.append(("preview", step, image.size))
+
+    started: list[int] = []
+
+    def start(latents):
+        started.append(len(started))
+        return PendingPreview(torch.zeros(2, 3, 3, dtype=torch.uint8), Copy(checks=2))
+
+    callback = step_callback(Recorder(), 7, start, preview_every=2)
+    for step in range(7):
+        callback(None, step, None, {"latents": object()})
+    # started at steps 2, 4 and 6, each lands at its third check, two steps later; step 6's never does
+    assert calls == [("progress", 1), ("progress", 2), ("progress", 3), ("progress", 4), ("preview", 2, (3, 2)),
+                     ("progress", 5), ("progress", 6), ("preview", 4, (3, 2)), ("progress", 7)]
+    assert len(started) == 3
 
 
 def test_cancel_stops_between_steps(models):

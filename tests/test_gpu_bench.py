@@ -42,7 +42,7 @@ def test_tiny_run_writes_every_figure(tmp_path):
     for label, kind in measured:
         figures = profiles[label][kind]
         assert figures["setup"]["steps"] == 2 and figures["setup"]["size"] == [128, 128]
-        assert len(figures["grpc_s"]) == len(figures["direct_s"]) == 2
+        assert len(figures["grpc_s"]) == len(figures["direct_s"]) == len(figures["direct_with_previews_s"]) == 2
         for name in TIMED:
             assert figures[name] > 0, (label, kind, name)
         for name in BREAKDOWN:

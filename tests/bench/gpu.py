@@ -312,7 +312,9 @@ class TimingSink:
         self.steps.append(time.perf_counter())
 
     def preview(self, image, step):
-        pass
+        from paletta_server.jobs.runner import preview_jpeg
+
+        preview_jpeg(image)  # the work a job's preview does on the device thread
 
     def check_cancelled(self):
         pass
@@ -492,9 +494,9 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
         def start_job():
             return client.generate(PROMPT, width=size, height=size, steps=steps, seed=1)
 
-        def direct(pipe, sink):
+        def direct(pipe, sink, preview_every=10**9):
             return flux.text_to_image(pipe, sink, prompt=PROMPT, width=size, height=size, steps=steps, seed=1,
-                                      guidance=0.0, preview_every=10**9)
+                                      guidance=0.0, preview_every=preview_every)
     elif kind == "edit":
         key = "flux-kontext"
         image_asset = (await client.upload(picture)).name
@@ -503,9 +505,9 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
         def start_job():
             return client.edit(image_asset, EDIT_PROMPT, steps=steps, seed=1)
 
-        def direct(pipe, sink):
+        def direct(pipe, sink, preview_every=10**9):
             return flux_edit.edit(pipe, sink, image=small, prompt=EDIT_PROMPT, steps=steps, seed=1, guidance=2.5,
-                                  preview_every=10**9)
+                                  preview_every=preview_every)
     else:
         key = "flux-fill"
         image_asset = (await client.upload(picture)).name
@@ -515,9 +517,9 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
         def start_job():
             return client.inpaint(image_asset, mask_asset, FILL_PROMPT, steps=steps, seed=1)
 
-        def direct(pipe, sink):
+        def direct(pipe, sink, preview_every=10**9):
             return flux_edit.fill(pipe, sink, image=small, mask=small_mask, prompt=FILL_PROMPT, steps=steps, seed=1,
-                                  guidance=30.0, preview_every=10**9)
+                                  guidance=30.0, preview_every=preview_every)
 
     res.put(f"{prefix}.setup", {"key": key, "size": [size, size], "inference_size": list(infer), "steps": steps,
                                 "runs": runs})
@@ -538,6 +540,12 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
             direct_steps.append({"start_to_first_step": (sink.steps[0] - start) * 1000,
                                  "first_to_last_step": (sink.steps[-1] - sink.steps[0]) * 1000,
                                  "last_step_to_return": (end - sink.steps[-1]) * 1000})
+    previews_every = server.app.config.preview_every  # the same call with the previews a job makes
+    with_previews = []
+    for _ in range(min(2, runs)):
+        start = time.perf_counter()
+        await asyncio.to_thread(direct, pipe, TimingSink(), previews_every)
+        with_previews.append(time.perf_counter() - start)
     del pipe
     grpc_s = [j["seconds"] for j in grpc_jobs]
     g, d = _median(grpc_s), _median(direct_times)
@@ -551,6 +559,7 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
     figures = {
         "grpc_s": grpc_s, "direct_s": direct_times, "grpc_median_s": g, "direct_median_s": d,
         "ratio": g / d if d else 0.0, "overhead_ms": (g - d) * 1000,
+        "direct_with_previews_s": with_previews, "previews_ms": (_median(with_previews) - d) * 1000,
         "s_per_step_grpc": breakdown.get("first_to_last_step", 0.0) / 1000 / per_step,
         "s_per_step_direct": direct_breakdown.get("first_to_last_step", 0.0) / 1000 / per_step,
         "progress_latency_ms": {"p50": latencies[len(latencies) // 2] if latencies else 0.0,
@@ -563,7 +572,8 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
     for name, value in figures.items():
         res.put(f"{prefix}.{name}", value)
     res.say(f"{prefix}: gRPC {g:.3f} s / direct {d:.3f} s = {figures['ratio']:.3f}; "
-            f"{figures['s_per_step_direct']:.3f} s/step; overhead {figures['overhead_ms']:.0f} ms; "
+            f"{figures['s_per_step_direct']:.3f} s/step; overhead {figures['overhead_ms']:.0f} ms "
+            f"(previews in the direct call: {figures['previews_ms']:+.0f} ms); "
             f"resident {sum(figures['resident_bytes'].values()) / 1e9:.1f} GB")
     if kind in ("generate", "edit"):
         outputs = [e.output.asset.name for e, _ in grpc_jobs[-1]["events"] if e.WhichOneof("kind") == "output"]
@@ -1076,8 +1086,8 @@ def summarize(res: Results) -> None:
     for kind in ("generate", "edit", "fill"):
         row(f"{kind}: gRPC / direct (s)", lambda f, k=kind: f"{f[k]['grpc_median_s']:.3f} / "
             f"{f[k]['direct_median_s']:.3f} = {f[k]['ratio']:.3f}")
-        row(f"{kind}: s/step, overhead ms", lambda f, k=kind: f"{f[k]['s_per_step_direct']:.3f}, "
-            f"{f[k]['overhead_ms']:.0f}")
+        row(f"{kind}: s/step, overhead ms (of which previews)", lambda f, k=kind: f"{f[k]['s_per_step_direct']:.3f}, "
+            f"{f[k]['overhead_ms']:.0f} ({f[k]['previews_ms']:+.0f})")
         row(f"{kind}: progress latency p50 / max ms", lambda f, k=kind: f"{f[k]['progress_latency_ms']['p50']:.1f} / "
             f"{f[k]['progress_latency_ms']['max']:.1f}")
         row(f"{kind}: resident / peak GB", lambda f, k=kind: f"{sum(f[k]['resident_bytes'].values()) / 1e9:.1f} / "

@@ -81,16 +81,60 @@ def measure_bytes(obj: Any) -> int:
     return total
 
 
-def step_callback(sink: ProgressSink, total: int, preview_fn: Callable[[Any, int], None] | None = None,
+class PendingPreview:
+    """A preview's pixels on their way to the host: on CUDA by an asynchronous copy, ready once it
+    has landed (so a preview never makes the device thread wait for the GPU); elsewhere at once."""
+
+    def __init__(self, pixels: Any, event: Any = None):
+        self._pixels = pixels  # (h, w, 3) uint8, on the host
+        self._event = event
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def image(self) -> Any:
+        from PIL import Image
+
+        return Image.fromarray(self._pixels.numpy(), "RGB")
+
+
+def linear_preview(latents: Any, weights: Any) -> PendingPreview:
+    """Latents (C, h, w) → RGB by a (C + 1, 3) linear map (the last row the bias), computed where
+    the latents are (keep ``weights`` there: moving them makes the device thread wait)."""
+    import torch
+
+    with torch.no_grad():
+        weights = weights.to(latents.device)  # no-op when they are there already
+        c, h, w = latents.shape
+        rgb = torch.addmm(weights[-1], latents.reshape(c, -1).T.float(), weights[:-1])  # (h * w, 3)
+        pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).reshape(h, w, 3)
+        if not pixels.is_cuda:
+            return PendingPreview(pixels.cpu())
+        host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingPreview(host, event)
+
+
+def step_callback(sink: ProgressSink, total: int, start_preview: Callable[[Any], PendingPreview] | None = None,
                   preview_every: int = 2) -> Callable:
-    """A diffusers ``callback_on_step_end``: reports progress, previews, and stops on cancel."""
+    """A diffusers ``callback_on_step_end``: reports progress, previews, and stops on cancel.
+
+    A preview is started from the step's latents and sent at the first step (this one or a later
+    one) at which its pixels are on the host; one still on its way when the pipeline ends is
+    dropped (the image itself follows)."""
+    pending: list[tuple[int, PendingPreview]] = []
 
     def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
         sink.check_cancelled()
         done = step + 1
         sink.progress(done, total, "denoising")
-        if preview_fn is not None and done < total and done % preview_every == 0 and "latents" in kwargs:
-            preview_fn(kwargs["latents"], done)
+        if start_preview is not None and done < total and done % preview_every == 0 and "latents" in kwargs:
+            pending.append((done, start_preview(kwargs["latents"])))
+        while pending and pending[0][1].ready():
+            at, preview = pending.pop(0)
+            sink.preview(preview.image(), at)
         return kwargs
 
     return callback

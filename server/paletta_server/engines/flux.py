@@ -6,7 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from paletta_server.engines import nf4_cache, turbo
-from paletta_server.engines.common import ProgressSink, pretrained_location, step_callback
+from paletta_server.engines.common import (
+    PendingPreview,
+    ProgressSink,
+    linear_preview,
+    pretrained_location,
+    step_callback,
+)
 from paletta_server.models.types import LoadContext, ModelSource
 
 NF4_COMPONENTS = ["transformer", "text_encoder_2"]
@@ -170,7 +176,7 @@ class LatentPreview:
 
     Decoding a tiny random latent and regressing its colours on the latent channels gives a
     map that works for any FLUX-family VAE without a hand-copied table; a preview then costs
-    a matrix product instead of a VAE decode.
+    a matrix product on the device instead of a VAE decode (see common.linear_preview).
     """
 
     def __init__(self, pipe: Any):
@@ -187,23 +193,14 @@ class LatentPreview:
         x = latents.float().reshape(channels, -1).T.cpu()  # (64, C)
         y = rgb.reshape(3, -1).T.cpu()  # (64, 3)
         x1 = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
-        self.weights = torch.linalg.lstsq(x1, y).solution  # (C + 1, 3)
+        self.weights = torch.linalg.lstsq(x1, y).solution.to(device)  # (C + 1, 3), where the latents will be
         self.scale = pipe.vae_scale_factor
         self.unpack = getattr(type(pipe), "_unpack_latents", None)
 
-    def __call__(self, latents: Any, height: int, width: int) -> Any:
-        import torch
-        from PIL import Image
-
-        with torch.no_grad():
-            if latents.dim() == 3 and self.unpack is not None:  # FLUX packs 2x2 patches into tokens
-                latents = self.unpack(latents, height, width, self.scale)
-            lat = latents[0].float().cpu()  # (C, h, w)
-            c, h, w = lat.shape
-            x = torch.cat([lat.reshape(c, -1).T, torch.ones(h * w, 1)], dim=1)
-            rgb = (x @ self.weights).T.reshape(3, h, w)
-            rgb = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).numpy()
-        return Image.fromarray(rgb, "RGB")
+    def start(self, latents: Any, height: int, width: int) -> PendingPreview:
+        if latents.dim() == 3 and self.unpack is not None:  # FLUX packs 2x2 patches into tokens
+            latents = self.unpack(latents, height, width, self.scale)
+        return linear_preview(latents[0], self.weights)
 
 
 def preview_for(pipe: Any) -> LatentPreview:
@@ -218,12 +215,8 @@ def run_pipeline(pipe: Any, sink: ProgressSink, *, steps: int, height: int, widt
                  preview_every: int = 2, **kwargs: Any) -> Any:
     """Call a FLUX-family pipeline with progress, previews and cancellation; returns a PIL image."""
     preview = preview_for(pipe)
-
-    def send_preview(latents: Any, step: int) -> None:
-        sink.preview(preview(latents, height, width), step)
-
     sink.check_cancelled()
-    callback = step_callback(sink, steps, send_preview, preview_every)
+    callback = step_callback(sink, steps, lambda latents: preview.start(latents, height, width), preview_every)
     result = pipe(num_inference_steps=steps, height=height, width=width, callback_on_step_end=callback,
                   callback_on_step_end_tensor_inputs=["latents"], **kwargs)
     return result.images[0]

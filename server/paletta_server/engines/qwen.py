@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from paletta_server.engines import flux
-from paletta_server.engines.common import ProgressSink, step_callback
+from paletta_server.engines.common import PendingPreview, ProgressSink, linear_preview, step_callback
 from paletta_server.models.types import LoadContext, ModelSource
 
 FULL_AREA = 1024 * 1024
@@ -50,21 +50,12 @@ class QwenLatentPreview:
             rgb = torch.nn.functional.adaptive_avg_pool2d(decoded[:, :, 0].float().cpu(), (8, 8))
         x = latents.reshape(channels, -1).T
         x1 = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
-        self.weights = torch.linalg.lstsq(x1, rgb.reshape(3, -1).T).solution
+        self.weights = torch.linalg.lstsq(x1, rgb.reshape(3, -1).T).solution.to(device)
         self.scale = pipe.vae_scale_factor
         self.unpack = type(pipe)._unpack_latents
 
-    def __call__(self, latents: Any, height: int, width: int) -> Any:
-        import torch
-        from PIL import Image
-
-        with torch.no_grad():
-            lat = self.unpack(latents, height, width, self.scale)[0, :, 0].float().cpu()  # (C, h, w)
-            c, h, w = lat.shape
-            x = torch.cat([lat.reshape(c, -1).T, torch.ones(h * w, 1)], dim=1)
-            rgb = (x @ self.weights).T.reshape(3, h, w)
-            rgb = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).numpy()
-        return Image.fromarray(rgb, "RGB")
+    def start(self, latents: Any, height: int, width: int) -> PendingPreview:
+        return linear_preview(self.unpack(latents, height, width, self.scale)[0, :, 0], self.weights)  # (C, h, w)
 
 
 @contextmanager
@@ -88,9 +79,6 @@ def edit(pipe: Any, sink: ProgressSink, *, image: Any, prompt: str, negative_pro
     if preview is None:
         preview = pipe._paletta_preview = QwenLatentPreview(pipe)
 
-    def send_preview(latents: Any, step: int) -> None:
-        sink.preview(preview(latents, height, width), step)
-
     sink.check_cancelled()
     # True CFG needs a negative prompt; " " is the model card's neutral one.
     negative = negative_prompt if negative_prompt.strip() else " "
@@ -99,7 +87,8 @@ def edit(pipe: Any, sink: ProgressSink, *, image: Any, prompt: str, negative_pro
             image=image, prompt=prompt, negative_prompt=negative if guidance > 1 else None,
             true_cfg_scale=guidance, height=height, width=width, num_inference_steps=steps,
             generator=flux.generator(flux.execution_device(pipe), seed),
-            callback_on_step_end=step_callback(sink, steps, send_preview, preview_every),
+            callback_on_step_end=step_callback(sink, steps, lambda latents: preview.start(latents, height, width),
+                                                preview_every),
             callback_on_step_end_tensor_inputs=["latents"],
         )
     return result.images[0]

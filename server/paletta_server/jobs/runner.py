@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 PREVIEW_EDGE = 256
 
 
+def preview_jpeg(image: Image.Image) -> bytes:
+    """A preview as it is sent: RGB, at most PREVIEW_EDGE on its longer side, JPEG."""
+    image = image.convert("RGB")
+    image.thumbnail((PREVIEW_EDGE, PREVIEW_EDGE))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=70)
+    return buf.getvalue()
+
+
 class JobContext:
     """RunContext for one job (see capabilities/base.py)."""
 
@@ -60,11 +69,7 @@ class JobContext:
         self._link.send(msg.Progress(self.job_id, step, total, stage))
 
     def preview(self, image: Image.Image, step: int) -> None:
-        image = image.convert("RGB")
-        image.thumbnail((PREVIEW_EDGE, PREVIEW_EDGE))
-        buf = io.BytesIO()
-        image.save(buf, format="JPEG", quality=70)
-        self._link.send(msg.Preview(self.job_id, buf.getvalue(), step))
+        self._link.send(msg.Preview(self.job_id, preview_jpeg(image), step))
 
     def check_cancelled(self) -> None:
         if self._link.cancel_requested(self.job_id):
