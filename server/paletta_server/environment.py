@@ -56,3 +56,5 @@ def quiet_warnings() -> None:
     # torchao (the turbo extra) registers its enums with torch's pytree at import, which newer torch
     # answers with one deprecation line per enum: addressed to torchao, not to a user of the server.
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # bitsandbytes looks for optional CPU 4-bit kernels at import; Paletta quantizes on CUDA only.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -227,11 +227,16 @@ class JobStore:
             self._lock = threading.Lock()
         migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._writer: Connection | None = None  # SQLite: the connection writes take turns on (see begin)
 
     def session(self) -> Session:
         return self._sessions()
 
     def dispose(self) -> None:
+        with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
         self.engine.dispose()
 
     def _notify(self, conn: Connection | Session, job_id: str, seq: int, kind: str) -> None:
@@ -243,10 +248,23 @@ class JobStore:
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:
-        """One write transaction (on SQLite under the store's write lock): the writes below take
-        its connection, so several of them commit together or not at all."""
-        with self._lock, self.engine.begin() as conn:
-            yield conn
+        """One write transaction: the writes below take its connection, so several of them commit
+        together or not at all. On SQLite, writes take turns under the store's lock, on one
+        connection kept for them (checking a pooled one out and in was Python work on every event)."""
+        if self.shared:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._lock:
+            if self._writer is None:
+                self._writer = self.engine.connect()
+            try:
+                with self._writer.begin():
+                    yield self._writer
+            except BaseException:  # rolled back; the next write starts on a fresh connection
+                self._writer.close()
+                self._writer = None
+                raise
 
     # -- jobs ----------------------------------------------------------------------------
     def create(self, conn: Connection, capability: str, spec: bytes, priority: int, request_id: str,
@@ -368,7 +386,7 @@ class JobStore:
         if not job_ids:
             return 0
         jobs = JobRow.__table__
-        with self._lock, self.engine.begin() as conn:
+        with self.begin() as conn:
             return conn.execute(update(jobs).where(
                 jobs.c.worker == worker, jobs.c.id.in_(list(job_ids)), jobs.c.state == JobState.RUNNING.value,
             ).values(lease_until=lease_until)).rowcount
@@ -389,7 +407,7 @@ class JobStore:
     def request_cancel(self, job_id: str) -> bool:
         """Raise the job's cancel flag (its worker polls it between steps); False once it is over."""
         jobs = JobRow.__table__
-        with self._lock, self.engine.begin() as conn:
+        with self.begin() as conn:
             return conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state.not_in(_FINAL))
                                 .values(cancel_requested=True)).rowcount > 0
 
@@ -417,7 +435,7 @@ class JobStore:
     def strip_previews(self, job_id: str, strip: Callable[[bytes], bytes]) -> int:
         """Rewrite a finished job's preview events with ``strip`` (drops their pixels); returns how many."""
         jobs, events = JobRow.__table__, EventRow.__table__
-        with self._lock, self.engine.begin() as conn:
+        with self.begin() as conn:
             rows = conn.execute(select(events.c.seq, events.c.data).where(
                 events.c.job_id == job_id, events.c.kind == "preview")).all()
             for seq, data in rows:
