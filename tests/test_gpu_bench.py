@@ -70,19 +70,21 @@ def test_tiny_run_writes_every_figure(tmp_path):
 
 
 @pytest.mark.slow
-def test_memory_stage_alone_records_a_refusal(tmp_path):
-    """--only memory skips the profile stages; a job over the cap is a FAIL with MEMORY_BUDGET, not an error."""
+def test_only_the_named_stages_run_and_a_refusal_is_recorded(tmp_path):
+    """--only quality memory runs those two stages and no other; a job over the cap is a FAIL with
+    MEMORY_BUDGET, not an error."""
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PALETTA_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.bench.gpu", "--size", "tiny", "--steps", "2", "--res", "64", "--only", "memory",
+        [sys.executable, "-m", "tests.bench.gpu", "--size", "tiny", "--steps", "2", "--res", "64", "--only", "quality", "memory",
          "--memory-budget", "1MiB", "--skip", "edit", "inpaint", "control", "generate", "identity", "--out", str(out),
          "--work", str(tmp_path / "work")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
-    assert data["profiles"] == {} and data["errors"] == []
+    assert set(data["profiles"]) == {"quality"} and data["errors"] == []
+    assert data["profiles"]["quality"]["generate"]["ratio"] > 0 and data["profiles"]["quality"]["edit"]["ratio"] > 0
     jobs = data["memory"]["jobs"]
     assert set(jobs) == {"qwen_edit"}
     qwen = jobs["qwen_edit"]

@@ -34,6 +34,8 @@ What it does, writing ``<out>/results.json`` after every figure (a cut-off run s
    offloaded and what was evicted into results.json ``memory.jobs`` and summary.md as it goes.
 
 Stages run in order of importance and are skipped when their estimate no longer fits ``--budget-s``.
+``--only`` names the stages to run (fast, quality, turbo, memory; e.g. ``--only quality turbo memory``),
+so one device call can take several without building the full-size weights again.
 """
 
 from __future__ import annotations
@@ -926,6 +928,7 @@ async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, f
 
 # -- orchestration ---------------------------------------------------------------------------------
 # Seconds each stage is expected to take (full size on an H100; tiny on a 2-core CPU), for the budget.
+STAGES = ("fast", "quality", "turbo", "memory")  # what --only can name
 ESTIMATES = {
     "full": {"generate": 20, "edit": 60, "fill": 60, "profile": 40, "restart": 25, "build_fill": 35, "turbo": 120,
              "memory_job": 25, "build_control": 15, "build_identity": 20, "build_qwen": 100,
@@ -987,6 +990,15 @@ def meta(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 async def run_profile_stages(res: Results, args: argparse.Namespace, work: Path, folders: dict[str, Path],
                              data: dict[str, Path], est: dict[str, float]) -> None:
+    """Everything but the memory stage, or what ``--only`` names of it (fast, quality, turbo)."""
+    if args.only is not None:
+        for profile in ("fast", "quality"):
+            if profile in args.only and fits(res, args, profile, est["profile"]):
+                await stage(res, profile, lambda p=profile: run_profile_stage(res, p, data[p], ["generate", "edit"],
+                                                                              args, p))
+        if "turbo" in args.only:
+            await run_turbo_stages(res, args, data, est)
+        return
     for profile in ("fast", "quality"):
         if fits(res, args, profile, est["profile"]):
             await stage(res, profile, lambda p=profile: run_profile_stage(res, p, data[p], ["generate", "edit"],
@@ -1051,12 +1063,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         est = ESTIMATES[args.size]
 
         # 1. fast: first image, Generate ratio, Kontext. 2. quality: the same. 3. fast again: NF4 cache warm.
-        # 4. turbo, cold then warm compile cache. 5. the memory cap stage. --only memory / turbo: that alone.
-        if args.only is None:
-            await run_profile_stages(res, args, work, folders, data, est)
-        elif args.only == "turbo":
-            await run_turbo_stages(res, args, data, est)
-        if "memory" not in args.skip and args.only in (None, "memory"):
+        # 4. turbo, cold then warm compile cache. 5. the memory cap stage. --only: the stages it names.
+        await run_profile_stages(res, args, work, folders, data, est)
+        if "memory" not in args.skip and (args.only is None or "memory" in args.only):
             await stage(res, "memory", lambda: run_memory_stage(res, args, work, folders))
         summarize(res)
         return res.data
@@ -1121,7 +1130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget-s", type=float, help="skip stages that would end later (default 360 full)")
     parser.add_argument("--skip", nargs="*", default=[], choices=("fill", "turbo", "memory") + MEMORY_KINDS)
-    parser.add_argument("--only", choices=("memory", "turbo"), help="run only this stage (and the builds it needs)")
+    parser.add_argument("--only", nargs="+", choices=STAGES,
+                        help="run only these stages (and the builds they need), e.g. --only quality turbo memory")
     parser.add_argument("--memory-budget", default="16GiB", help="the memory stage's cap (default 16GiB)")
     parser.add_argument("--memory-profile", default="fast", choices=("fast", "hyper"))
     parser.add_argument("--memory-steps", type=int, help="steps of a memory-stage job (default 4 full, --steps tiny)")
