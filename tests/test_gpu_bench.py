@@ -76,7 +76,8 @@ def test_only_the_named_stages_run_and_a_refusal_is_recorded(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PALETTA_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.bench.gpu", "--size", "tiny", "--steps", "2", "--res", "64", "--only", "quality", "memory",
+        [sys.executable, "-m", "tests.bench.gpu", "--size", "tiny", "--steps", "3", "--res", "64", "--runs", "2",
+         "--only", "quality", "memory",
          "--memory-budget", "1MiB", "--skip", "edit", "inpaint", "control", "generate", "identity", "--out", str(out),
          "--work", str(tmp_path / "work")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
@@ -84,7 +85,9 @@ def test_only_the_named_stages_run_and_a_refusal_is_recorded(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     assert set(data["profiles"]) == {"quality"} and data["errors"] == []
-    assert data["profiles"]["quality"]["generate"]["ratio"] > 0 and data["profiles"]["quality"]["edit"]["ratio"] > 0
+    for kind in ("generate", "edit"):  # 3 steps: one preview due, at step 2; on the CPU it is never dropped
+        figures = data["profiles"]["quality"][kind]
+        assert figures["ratio"] > 0 and figures["previews"] == {"due": 1, "direct": [1, 1], "grpc": [1, 1]}
     jobs = data["memory"]["jobs"]
     assert set(jobs) == {"qwen_edit"}
     qwen = jobs["qwen_edit"]

@@ -309,6 +309,7 @@ class TimingSink:
 
     def __init__(self) -> None:
         self.steps: list[float] = []
+        self.previews = 0
 
     def progress(self, step, total, stage):
         self.steps.append(time.perf_counter())
@@ -317,6 +318,7 @@ class TimingSink:
         from paletta_server.jobs.runner import preview_jpeg
 
         preview_jpeg(image)  # the work a job's preview does on the device thread
+        self.previews += 1
 
     def check_cancelled(self):
         pass
@@ -543,11 +545,13 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
                                  "first_to_last_step": (sink.steps[-1] - sink.steps[0]) * 1000,
                                  "last_step_to_return": (end - sink.steps[-1]) * 1000})
     previews_every = server.app.config.preview_every  # the same call with the previews a job makes
-    with_previews = []
+    with_previews, previews_sent = [], []
     for _ in range(min(2, runs)):
+        sink = TimingSink()
         start = time.perf_counter()
-        await asyncio.to_thread(direct, pipe, TimingSink(), previews_every)
+        await asyncio.to_thread(direct, pipe, sink, previews_every)
         with_previews.append(time.perf_counter() - start)
+        previews_sent.append(sink.previews)
     del pipe
     grpc_s = [j["seconds"] for j in grpc_jobs]
     g, d = _median(grpc_s), _median(direct_times)
@@ -562,6 +566,10 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
         "grpc_s": grpc_s, "direct_s": direct_times, "grpc_median_s": g, "direct_median_s": d,
         "ratio": g / d if d else 0.0, "overhead_ms": (g - d) * 1000,
         "direct_with_previews_s": with_previews, "previews_ms": (_median(with_previews) - d) * 1000,
+        # previews made (of those due: steps below the last, every preview_every): by the direct call
+        # with previews and by each gRPC job; on CUDA one still being copied at the last step is dropped
+        "previews": {"due": len(range(previews_every, steps, previews_every)), "direct": previews_sent,
+                     "grpc": [sum(e.WhichOneof("kind") == "preview" for e, _ in j["events"]) for j in grpc_jobs]},
         "s_per_step_grpc": breakdown.get("first_to_last_step", 0.0) / 1000 / per_step,
         "s_per_step_direct": direct_breakdown.get("first_to_last_step", 0.0) / 1000 / per_step,
         "progress_latency_ms": {"p50": latencies[len(latencies) // 2] if latencies else 0.0,
@@ -930,7 +938,7 @@ async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, f
 # Seconds each stage is expected to take (full size on an H100; tiny on a 2-core CPU), for the budget.
 STAGES = ("fast", "quality", "turbo", "memory")  # what --only can name
 ESTIMATES = {
-    "full": {"generate": 20, "edit": 60, "fill": 60, "profile": 40, "restart": 25, "build_fill": 35, "turbo": 120,
+    "full": {"generate": 20, "edit": 60, "fill": 60, "profile": 50, "restart": 25, "build_fill": 35, "turbo": 120,
              "memory_job": 25, "build_control": 15, "build_identity": 20, "build_qwen": 100,
              "qwen_job": 90},
     "tiny": {"generate": 5, "edit": 5, "fill": 5, "profile": 5, "restart": 5, "build_fill": 0, "turbo": 60,

@@ -113,7 +113,7 @@ def linear_preview(latents: Any, weights: Any) -> PendingPreview:
         host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
         host.copy_(pixels, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(pixels.device))  # the stream the copy was queued on
         return PendingPreview(host, event)
 
 
@@ -123,7 +123,7 @@ def step_callback(sink: ProgressSink, total: int, start_preview: Callable[[Any],
 
     A preview is started from the step's latents and sent at the first step (this one or a later
     one) at which its pixels are on the host; one still on its way when the pipeline ends is
-    dropped (the image itself follows)."""
+    dropped (the image itself follows): on a GPU, previews are best effort."""
     pending: list[tuple[int, PendingPreview]] = []
 
     def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:

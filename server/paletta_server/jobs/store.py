@@ -234,9 +234,9 @@ class JobStore:
 
     def dispose(self) -> None:
         with self._lock:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                writer.close()
         self.engine.dispose()
 
     def _notify(self, conn: Connection | Session, job_id: str, seq: int, kind: str) -> None:
@@ -262,8 +262,8 @@ class JobStore:
                 with self._writer.begin():
                     yield self._writer
             except BaseException:  # rolled back; the next write starts on a fresh connection
-                self._writer.close()
-                self._writer = None
+                writer, self._writer = self._writer, None
+                writer.close()
                 raise
 
     # -- jobs ----------------------------------------------------------------------------
