@@ -88,8 +88,24 @@ def test_only_the_named_stages_run_and_a_refusal_is_recorded(tmp_path):
     for kind in ("generate", "edit"):  # 3 steps: one preview due, at step 2; on the CPU it is never dropped
         figures = data["profiles"]["quality"][kind]
         assert figures["ratio"] > 0 and figures["previews"] == {"due": 1, "direct": [1, 1], "grpc": [1, 1]}
+        assert {side: len(pauses["ms"]) for side, pauses in figures["gc"].items()} == {"grpc": 3, "direct": 3}
     jobs = data["memory"]["jobs"]
     assert set(jobs) == {"qwen_edit"}
     qwen = jobs["qwen_edit"]
     assert not qwen["passed"] and qwen["reason"] == "MEMORY_BUDGET" and qwen["metadata"]["model"] == "qwen-image-edit"
     assert "| qwen_edit | FAIL |" in (out / "summary.md").read_text()
+
+
+def test_gc_pauses_are_timed_by_generation_while_entered():
+    import gc
+
+    from tests.bench.gpu import GcPauses
+
+    pauses = GcPauses()
+    gc.collect(0)  # not entered: not counted
+    with pauses:
+        gc.collect(1)
+        gc.collect()
+    gc.collect()
+    assert pauses.count == [0, 1, 1] and pauses.ms[1] > 0 and pauses.ms[2] > 0 and pauses.ms[0] == 0
+    assert pauses.figures()["collections"] == [0, 1, 1]

@@ -324,6 +324,35 @@ class TimingSink:
         pass
 
 
+class GcPauses:
+    """While entered: the time the garbage collector runs (it holds the GIL, so every thread waits),
+    and how often, by generation. A job makes garbage the direct call does not (events, messages)."""
+
+    def __init__(self) -> None:
+        self.ms = [0.0, 0.0, 0.0]
+        self.count = [0, 0, 0]
+        self._began: float | None = None
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        elif self._began is not None:
+            self.ms[info["generation"]] += (time.perf_counter() - self._began) * 1000
+            self.count[info["generation"]] += 1
+            self._began = None
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+        self._began = None
+
+    def figures(self) -> dict[str, list]:
+        return {"ms": [round(ms, 3) for ms in self.ms], "collections": list(self.count)}
+
+
 def _cuda() -> Any | None:
     try:
         import torch
@@ -533,11 +562,14 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
         res.put(f"{prefix}.load_and_first_job_s", time.perf_counter() - start)
     pipe = await asyncio.to_thread(server.app.residency.ensure_resident, key)
     grpc_jobs, direct_times, direct_steps = [], [], []
+    gc_grpc, gc_direct = GcPauses(), GcPauses()
     for _ in range(runs):
-        grpc_jobs.append(await timed_job(start_job))
+        with gc_grpc:
+            grpc_jobs.append(await timed_job(start_job))
         sink = TimingSink()
         start = time.perf_counter()
-        await asyncio.to_thread(direct, pipe, sink)
+        with gc_direct:
+            await asyncio.to_thread(direct, pipe, sink)
         end = time.perf_counter()
         direct_times.append(end - start)
         if sink.steps:
@@ -568,6 +600,8 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
         "direct_with_previews_s": with_previews, "previews_ms": (_median(with_previews) - d) * 1000,
         # previews made (of those due: steps below the last, every preview_every): by the direct call
         # with previews and by each gRPC job; on CUDA one still being copied at the last step is dropped
+        # the garbage collector's pauses (all threads) over all runs, by generation
+        "gc": {"grpc": gc_grpc.figures(), "direct": gc_direct.figures()},
         "previews": {"due": len(range(previews_every, steps, previews_every)), "direct": previews_sent,
                      "grpc": [sum(e.WhichOneof("kind") == "preview" for e, _ in j["events"]) for j in grpc_jobs]},
         "s_per_step_grpc": breakdown.get("first_to_last_step", 0.0) / 1000 / per_step,
@@ -1103,6 +1137,8 @@ def summarize(res: Results) -> None:
     for kind in ("generate", "edit", "fill"):
         row(f"{kind}: gRPC / direct (s)", lambda f, k=kind: f"{f[k]['grpc_median_s']:.3f} / "
             f"{f[k]['direct_median_s']:.3f} = {f[k]['ratio']:.3f}")
+        row(f"{kind}: GC pauses ms, gRPC / direct (all runs)", lambda f, k=kind: f"{sum(f[k]['gc']['grpc']['ms']):.1f}"
+            f" / {sum(f[k]['gc']['direct']['ms']):.1f}")
         row(f"{kind}: s/step, overhead ms (of which previews)", lambda f, k=kind: f"{f[k]['s_per_step_direct']:.3f}, "
             f"{f[k]['overhead_ms']:.0f} ({f[k]['previews_ms']:+.0f})")
         row(f"{kind}: progress latency p50 / max ms", lambda f, k=kind: f"{f[k]['progress_latency_ms']['p50']:.1f} / "
