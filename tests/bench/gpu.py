@@ -600,10 +600,10 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
         "direct_with_previews_s": with_previews, "previews_ms": (_median(with_previews) - d) * 1000,
         # previews made (of those due: steps below the last, every preview_every): by the direct call
         # with previews and by each gRPC job; on CUDA one still being copied at the last step is dropped
-        # the garbage collector's pauses (all threads) over all runs, by generation
-        "gc": {"grpc": gc_grpc.figures(), "direct": gc_direct.figures()},
         "previews": {"due": len(range(previews_every, steps, previews_every)), "direct": previews_sent,
                      "grpc": [sum(e.WhichOneof("kind") == "preview" for e, _ in j["events"]) for j in grpc_jobs]},
+        # the garbage collector's pauses (all threads) over all runs, by generation
+        "gc": {"grpc": gc_grpc.figures(), "direct": gc_direct.figures()},
         "s_per_step_grpc": breakdown.get("first_to_last_step", 0.0) / 1000 / per_step,
         "s_per_step_direct": direct_breakdown.get("first_to_last_step", 0.0) / 1000 / per_step,
         "progress_latency_ms": {"p50": latencies[len(latencies) // 2] if latencies else 0.0,
