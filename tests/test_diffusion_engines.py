@@ -276,6 +276,22 @@ def test_ip_adapter_weight_changes_output_zero_equals_baseline_and_unloads(model
     assert (gen() == baseline).all()
 
 
+def test_an_offloaded_pipeline_gives_the_shared_image_encoder_back(models):
+    """Model CPU offload ends each call by offloading every component the pipeline holds; the CLIP
+    encoder the IP-Adapter borrowed (a resident model of its own) must come back without a hook."""
+    from paletta_server.engines import flux, ip_adapter
+
+    pipe = import_object(SPEC["flux-schnell"].loader)(models.source("flux-schnell"), models.lc)
+    pipe.enable_model_cpu_offload(device="cpu")  # the real hooks, with the CPU as the "GPU"
+    weights, encoder = models.model("ip-adapter"), models.model("clip-vit-large")
+    for _ in range(2):
+        with ip_adapter.applied_image_prompt(pipe, weights, encoder, gradient(), 0.7) as kwargs:
+            flux.text_to_image(pipe, Sink(), prompt="a cat", width=64, height=64, steps=2, seed=4, guidance=0.0,
+                               **kwargs)
+        assert pipe.image_encoder is None and pipe.transformer.encoder_hid_proj is None
+        assert not any(hasattr(m, "_hf_hook") for m in encoder.modules())
+
+
 def test_instantx_ip_adapter_is_refused_with_an_explanation(models, tmp_path):
     from paletta_server.engines import ip_adapter
 

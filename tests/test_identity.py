@@ -176,6 +176,57 @@ def test_true_cfg_runs_a_negative_pass_with_the_neutral_identity(models, tokens)
     assert distance(with_cfg, identity_image(models, tokens[0])) > 1.0
 
 
+@pytest.mark.parametrize(("device", "available", "expected"), [
+    ("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    ("cuda", ["AzureExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]),  # plain wheel
+    ("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]),
+])
+def test_face_models_ask_onnxruntime_for_cuda_only_where_it_has_it(monkeypatch, device, available, expected):
+    import onnxruntime
+
+    from paletta_server.engines import faces
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: available)
+    assert faces.onnx_providers(device) == expected
+
+
+def test_the_identity_follows_the_ca_modules_device_when_the_transformer_waits_elsewhere(models, tokens):
+    """Under model CPU offload the transformer's weights wait on the CPU while its blocks compute on
+    the GPU beside PuLID's CA modules: the identity must go where the CA modules are. Stood in here by
+    a transformer whose own weights are on the meta device and whose blocks pass CPU tensors."""
+    import torch
+
+    from paletta_server.engines import pulid
+
+    real = models.model("flux-dev-pipeline").transformer
+    modules = models.model("pulid-flux")
+    dim = modules.pulid_ca[0].to_q.in_features
+
+    class Block(torch.nn.Module):
+        def forward(self, encoder_hidden_states, hidden_states):
+            return encoder_hidden_states, hidden_states
+
+    class Waiting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(1, device="meta"))
+            self.transformer_blocks = torch.nn.ModuleList(Block() for _ in real.transformer_blocks)
+            self.single_transformer_blocks = torch.nn.ModuleList(Block() for _ in real.single_transformer_blocks)
+
+        def forward(self, hidden_states):
+            encoder = torch.zeros(1, 2, dim)
+            for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
+                encoder, hidden_states = block(encoder, hidden_states)
+            return hidden_states
+
+    transformer = Waiting()
+    hidden = torch.randn(1, 4, dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), pulid.injected_identity(transformer, modules, tokens[0], 1.0, start_step=0):
+        out = transformer(hidden)
+    assert out.device.type == "cpu" and out.shape == hidden.shape
+    assert (out - hidden).abs().mean() > 1e-3  # every CA module added its share
+
+
 # -- the capability through a real server ---------------------------------------------------------
 async def upload_face(server, photo: Image.Image) -> image_pb2.ImageRef:
     from tests.helpers import upload

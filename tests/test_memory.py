@@ -8,6 +8,7 @@ import json
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from PIL import Image
 
 from paletta.v1 import edit_pb2 as edit_pb
@@ -63,6 +64,63 @@ def test_cap_drives_the_cpu_budget_and_capacity():
     assert budget_function(cpu, 16 * GiB, 2 * GiB, cap=3 * GiB)(123) == 3 * GiB
     assert device_capacity(cpu, 16 * GiB, 2 * GiB, cap=3 * GiB) == 3 * GiB
     assert device_capacity(Device("cuda", "nf4"), 16 * GiB, 2 * GiB, cap=16 * GiB) == CAP_16
+
+
+def test_uncapped_cuda_budget_counts_the_allocators_cached_blocks_as_free(monkeypatch):
+    """CUDA reports blocks torch keeps cached (a finished job's activations) as used; they are ours."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (5 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 14 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 11 * GiB)
+    budget = budget_function(Device("cuda", "nf4"), 16 * GiB, 2 * GiB)
+    assert budget(10 * GiB) == 5 * GiB + 3 * GiB + 10 * GiB - 2 * GiB
+
+
+class FakeNvml:
+    """NVML on a machine with two GPUs: 0 an 80 GB Ampere, 1 a 16 GiB Ada (NVML sees both whatever
+    CUDA_VISIBLE_DEVICES says)."""
+
+    gpus = {0: ("GPU-aaaa", (8, 0), 80 * GB), 1: ("GPU-bbbb", (8, 9), 16 * GiB)}
+
+    def nvmlDeviceGetHandleByIndex(self, index):  # noqa: N802 (NVML's names)
+        if index not in self.gpus:
+            raise LookupError(index)
+        return index
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):  # noqa: N802
+        return next(i for i, (u, _, _) in self.gpus.items() if u == uuid)
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle):  # noqa: N802
+        return self.gpus[handle][1]
+
+    def nvmlDeviceGetMemoryInfo(self, handle):  # noqa: N802
+        return type("Memory", (), {"total": self.gpus[handle][2]})
+
+
+@pytest.mark.parametrize(("visible", "capacity", "turbo"), [
+    (None, 80 * GB - 2 * GiB, "bf16"),  # unset: GPU 0
+    ("1", 14 * GiB, "float8"),  # `--device cuda:1` sets it so: NVML must look at GPU 1, not 0
+    ("1,0", 14 * GiB, "float8"),
+    ("GPU-bbbb", 14 * GiB, "float8"),
+    ("", 0, None),  # hides every GPU: the CPU
+    ("-1", 0, None),
+    ("7", 0, None),  # a GPU that is not there
+])
+def test_the_gpu_nvml_describes_is_the_one_cuda_visible_devices_names(monkeypatch, visible, capacity, turbo):
+    from paletta_server.models import device as device_module
+    from paletta_server.models.profiles import PROFILES
+
+    monkeypatch.setattr(device_module, "_nvml", FakeNvml)
+    monkeypatch.setattr(device_module, "_has_torchao", lambda: True)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    device = device_module.detect_device(PROFILES["turbo"])
+    assert (device.name, device.quantization if device.name == "cuda" else None) == (
+        ("cuda", turbo) if turbo else ("cpu", None))
+    assert device_capacity(Device("cuda", "nf4"), 16 * GiB, 2 * GiB) == capacity
 
 
 # -- the planner -----------------------------------------------------------------------------------
@@ -284,3 +342,55 @@ async def test_offload_when_text_encoders_push_over_the_budget(server_factory):
     assert not progress(events, "offloading")
     status = await status_of(plain)
     assert status.memory_cap_bytes == 0 and not status.offloaded_models
+
+
+def test_out_of_memory_fails_the_job_and_unloads_once_its_activations_are_gone():
+    """A CUDA out-of-memory error ends the job RESOURCE_EXHAUSTED / OUT_OF_MEMORY and the models are
+    unloaded for a clean next job, after the exception (whose traceback holds the job's frames and
+    their activations) has been let go, or their memory could not be returned."""
+    import weakref
+
+    import torch
+
+    from paletta.v1 import job_spec_pb2
+    from paletta_server.jobs import messages as msg
+    from paletta_server.jobs.runner import DeviceWorker
+
+    class Activations:
+        pass
+
+    held: list[weakref.ref] = []
+    gone_at_unload: list[bool] = []
+
+    class Capability:
+        def request_of(self, spec):
+            return spec
+
+        def models(self, request, profile):
+            return ["flux-schnell"]
+
+        def run(self, request, context):
+            activations = Activations()
+            held.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    class Residency:
+        device = None
+        pinned: set[str] = set()
+
+        def pin(self, keys):
+            self.pinned = set(keys)
+
+        def unload(self):
+            gone_at_unload.append(held[0]() is None and not self.pinned)
+            return [], 0
+
+    sent: list = []
+    link = type("Link", (), {"send": lambda self, m: sent.append(m)})()
+    worker = DeviceWorker(link, {"generate": Capability()}, Residency(), None, None, None, None)
+    worker.run(msg.Assignment("j1", "generate", job_spec_pb2.JobSpec().SerializeToString()))
+    assert gone_at_unload == [True]
+    finished = sent[-1]
+    assert isinstance(finished, msg.Finished) and finished.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    info = error_details_pb2.ErrorInfo()
+    assert finished.error.details[0].Unpack(info) and info.reason == "OUT_OF_MEMORY"

@@ -123,3 +123,33 @@ def test_first_load_writes_the_cache_later_loads_use_it_and_a_changed_source_rep
     assert nf4_cache.stats["hits"] == 3 and nf4_cache.stats["writes"] == 3  # T5 reused, transformer redone
     after = sorted(p.name for p in cache.iterdir())
     assert len(after) == 2 and after != entries and set(after) & set(entries) == {entries[0]}
+
+
+@pytest.mark.slow
+def test_an_offloaded_load_reads_cached_components_one_at_a_time(tmp_path, monkeypatch, bnb_on_cpu):
+    """Loading for model CPU offload holds one NF4 component on the device at a time, cached ones too
+    (bitsandbytes places a cached checkpoint on the GPU): each is read, moved to the CPU and the device
+    memory freed before the next is read."""
+    from diffusers import FluxPipeline
+
+    from paletta_server.engines import common
+    from paletta_server.engines.tiny.flux import build_schnell
+
+    model = tmp_path / "flux-schnell"
+    build_schnell(model)
+    monkeypatch.setenv(nf4_cache.ENV, str(tmp_path / "cache"))
+    source = ModelSource("flux-schnell", path=model)
+    lc = LoadContext(None, Device("cuda", "nf4"), lambda key: source, offload=True)
+    nf4_cache.stats.clear()
+    flux._load_on_cpu(FluxPipeline, source, lc, None)
+    assert nf4_cache.stats["writes"] == 2
+
+    events: list[object] = []
+    real_load = nf4_cache.load
+    monkeypatch.setattr(nf4_cache, "load", lambda root, src, components, lc: (
+        events.append(("read", *components)), real_load(root, src, components, lc))[1])
+    monkeypatch.setattr(common, "free_device_memory", lambda: events.append("free"))
+    pipe = flux._load_on_cpu(FluxPipeline, source, lc, None)
+    assert events == [("read", "transformer"), "free", ("read", "text_encoder_2"), "free"]
+    assert nf4_cache.stats["hits"] == 2 and nf4_cache.stats["writes"] == 2
+    assert pipe.transformer.hf_quantizer is not None and pipe.transformer.device.type == "cpu"

@@ -98,6 +98,23 @@ def test_float8_footprints_lie_between_nf4_and_bf16():
         assert nf4.weights < f8.weights < bf16.weights and nf4.offload_peak < f8.offload_peak < bf16.offload_peak
 
 
+def test_float8_weights_are_measured_at_one_byte_a_weight_plus_their_scales(monkeypatch):
+    """torchao's float8 tensor says bfloat16 (the dtype it stands for); the residency manager must
+    count its float8 data and per-row scales, or a turbo model would look twice its size."""
+    pytest.importorskip("torchao")
+    import torch
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    from paletta_server.engines.common import measure_bytes
+
+    layer = torch.nn.Linear(512, 256).to(torch.bfloat16)
+    assert measure_bytes(layer) == (256 * 512 + 256) * 2
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: True)  # torchao's hardware check, on a CPU
+    quantize_(layer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    assert layer.weight.dtype == torch.bfloat16  # what it reports
+    assert measure_bytes(layer) == 256 * 512 * 1 + 256 * 4 + 256 * 2  # float8 data, fp32 row scales, bf16 bias
+
+
 def _pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 

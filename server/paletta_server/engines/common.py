@@ -43,6 +43,15 @@ def import_object(dotted: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def tensor_bytes(tensor: Any) -> int:
+    """Bytes a tensor holds. A wrapper subclass (torchao's float8 weights: one byte a weight plus
+    per-row scales) reports the dtype it stands for, so its inner tensors are counted instead."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def measure_bytes(obj: Any) -> int:
     """Bytes of parameters and buffers of every torch module reachable from obj (pipelines, models).
     A LoRA is resident as its file's path: it costs its size inside the pipeline it is loaded into."""
@@ -62,7 +71,7 @@ def measure_bytes(obj: Any) -> int:
             for tensor in list(value.parameters()) + list(value.buffers()):
                 if id(tensor) not in seen:
                     seen.add(id(tensor))
-                    total += tensor.numel() * tensor.element_size()
+                    total += tensor_bytes(tensor)
         elif isinstance(value, dict):
             for item in value.values():
                 visit(item)

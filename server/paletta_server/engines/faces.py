@@ -95,16 +95,25 @@ def load_face_analysis(source: ModelSource, lc: LoadContext) -> FaceAnalyzer:
     if missing:
         raise ModelUnavailable(f"{source.key}: {', '.join(missing)} missing in {folder}",
                                metadata={"model": source.key})
-    providers = ["CPUExecutionProvider"]
-    if lc.device.name == "cuda":
-        providers.insert(0, "CUDAExecutionProvider")
+    providers = onnx_providers(lc.device.name)
     app = FaceAnalysis(name=str(folder), allowed_modules=["detection", "recognition"], providers=providers)
     if "recognition" not in app.models:
         raise ModelUnavailable(f"{source.key}: {RECOGNIZER_FILE} in {folder} is not an ArcFace recogniser",
                                metadata={"model": source.key})
-    app.prepare(ctx_id=0 if lc.device.name == "cuda" else -1, det_thresh=DETECTION_THRESHOLD, det_size=DETECTION_SIZE)
+    on_gpu = providers[0] == "CUDAExecutionProvider"
+    app.prepare(ctx_id=0 if on_gpu else -1, det_thresh=DETECTION_THRESHOLD, det_size=DETECTION_SIZE)
     size = sum((folder / f).stat().st_size for f in (DETECTOR_FILE, RECOGNIZER_FILE))
     return FaceAnalyzer(app, str(folder), size)
+
+
+def onnx_providers(device: str) -> list[str]:
+    """onnxruntime's providers for this device: CUDA first only where the installed onnxruntime has it
+    (the plain wheel does not; insightface would then warn on every load and run on the CPU anyway)."""
+    import onnxruntime
+
+    if device == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 def detect_faces(analyzer: FaceAnalyzer, image: Any) -> list[DetectedFace]:

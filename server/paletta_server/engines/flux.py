@@ -110,9 +110,10 @@ def _nf4_config(library_module: str) -> Any:
 
 
 def _load_on_cpu(cls: Any, source: ModelSource, lc: LoadContext, quantize: list[str] | None, **extra: Any) -> Any:
-    """The pipeline on the CPU, for model CPU offload. NF4 components are quantized one at a time on the
-    GPU (bitsandbytes quantizes there) and each moved to the CPU at once, so loading never holds more
-    than one on the device; other settings (float8, bf16) load on the CPU as a whole."""
+    """The pipeline on the CPU, for model CPU offload. NF4 components are quantized (or read from the
+    NF4 cache, which bitsandbytes also places on the GPU) one at a time and each moved to the CPU at
+    once, so loading never holds more than one on the device; other settings (float8, bf16) load on
+    the CPU as a whole."""
     from paletta_server.engines.common import free_device_memory
 
     for value in extra.values():
@@ -124,10 +125,9 @@ def _load_on_cpu(cls: Any, source: ModelSource, lc: LoadContext, quantize: list[
     loaded: dict[str, Any] = {}
     todo: list[str] = []
     cache = nf4_cache.cache_dir(lc)
-    cached = nf4_cache.load(cache, source, components, lc) if cache else {}
     where, kwargs = pretrained_location(source)
     for name in components:
-        model = cached.get(name)
+        model = nf4_cache.load(cache, source, [name], lc).get(name) if cache else None
         if model is None:
             todo.append(name)
             model_cls = _component_class(source, name)

@@ -157,9 +157,21 @@ def applied_image_prompt(pipe: Any, weights: Any, encoder: Any, image: Any, weig
                          ) -> Iterator[dict]:
     """Put the IP-Adapter (``weights`` with its CLIP ``encoder``) into ``pipe`` for one job,
     conditioned on ``image`` at ``weight``; yields the pipeline kwargs."""
+    home = next(encoder.parameters()).device
     _attach(pipe, weights, encoder)
     try:
         pipe.set_ip_adapter_scale(weight)
         yield {"ip_adapter_image": image.convert("RGB")}
     finally:
         detach(pipe)
+        _release(encoder, home)
+
+
+def _release(encoder: Any, home: Any) -> None:
+    """Give the shared CLIP encoder back as it was: under model CPU offload the pipeline's call ends by
+    offloading every component it holds, the encoder included (moved to the CPU, with a hook)."""
+    if hasattr(encoder, "_hf_hook"):
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(encoder, recurse=True)
+    encoder.to(home)

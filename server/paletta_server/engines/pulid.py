@@ -379,8 +379,11 @@ def injected_identity(transformer: Any, modules: PulidModules, identity: Identit
             metadata={"model": "pulid-flux"})
     param = next(transformer.parameters())
     dtype = param.dtype if param.dtype.is_floating_point else torch.bfloat16  # NF4 weights are uint8
-    tokens = identity.tokens.to(param.device, dtype)
-    uncond = identity.uncond.to(param.device, dtype)
+    # The CA modules' device, where the hooks compute: under model CPU offload the transformer's own
+    # weights wait on the CPU until its forward moves them.
+    device = next(modules.parameters()).device
+    tokens = identity.tokens.to(device, dtype)
+    uncond = identity.uncond.to(device, dtype)
     state: dict[str, Any] = {"calls": 0, "id": None}
 
     def before_transformer(_module: Any, _args: Any) -> None:
@@ -419,5 +422,5 @@ def generate(pipe: Any, sink: ProgressSink, *, modules: PulidModules, identity: 
                                             calls_per_step=2 if cfg else 1):
         return flux.run_pipeline(
             pipe, sink, steps=steps, height=height, width=width, preview_every=preview_every, prompt=prompt,
-            guidance_scale=guidance, generator=flux.generator(str(pipe.device.type), seed), **cfg, **extra,
+            guidance_scale=guidance, generator=flux.generator(flux.execution_device(pipe), seed), **cfg, **extra,
         )

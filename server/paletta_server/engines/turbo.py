@@ -30,7 +30,9 @@ def compile_blocks(pipe: Any, lc: LoadContext) -> bool:
         return False
     if lc.compile_cache is not None and not os.environ.get(CACHE_ENV):
         os.environ[CACHE_ENV] = str(lc.compile_cache)  # read by inductor at its first compile
-    transformer.compile_repeated_blocks(fullgraph=True)
+    # Not fullgraph: styles and IP-Adapters change the blocks' modules, and past dynamo's recompile
+    # limit a fullgraph compile fails the job where this one runs the block uncompiled.
+    transformer.compile_repeated_blocks(fullgraph=False)
     pipe._paletta_compiled = True
     log.info("compiling %s's repeated blocks (%s) at its first call; cache %s", type(transformer).__name__,
              ", ".join(transformer._repeated_blocks), os.environ.get(CACHE_ENV, "inductor's default"))

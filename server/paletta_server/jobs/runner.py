@@ -20,6 +20,7 @@ from PIL import Image
 from paletta.v1 import job_spec_pb2
 from paletta_server.capabilities.base import Capability, OutputHandle
 from paletta_server.config import Config
+from paletta_server.engines.common import free_device_memory
 from paletta_server.errors import EngineError, Interrupted, JobCancelled, PalettaError, ResourceExhausted, to_status
 from paletta_server.jobs import messages as msg
 from paletta_server.models.profiles import Profile
@@ -134,6 +135,7 @@ class DeviceWorker:
         self.link.send(msg.Started(job_id))
         began = time.monotonic()
         error: PalettaError | None = None
+        out_of_memory = False
         try:
             capability = self.capabilities.get(assignment.capability)
             if capability is None:  # a job persisted by a build that had a capability this one lacks
@@ -146,13 +148,17 @@ class DeviceWorker:
         except Exception as exc:  # a failing job must never take the worker down
             if type(exc).__name__ == "OutOfMemoryError":
                 error = ResourceExhausted(str(exc)[:500], reason="OUT_OF_MEMORY")
-                self.residency.pin(set())
-                self.residency.unload()  # start the next job from a clean device
+                out_of_memory = True
             else:
                 log.exception("job %s failed", job_id)
                 error = EngineError(f"{type(exc).__name__}: {exc}"[:1000])
         finally:
             # Unpin before the finished event, so a client reacting to it may unload at once.
             self.residency.pin(set())
+        if out_of_memory:
+            # Start the next job from a clean device. Only now: while the exception was being handled
+            # its traceback held the job's frames and with them its activations.
+            self.residency.unload()
+            free_device_memory()
         self.link.send(msg.Finished(job_id, to_status(error) if error is not None else None,
                                     seconds=time.monotonic() - began))

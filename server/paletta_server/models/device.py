@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from paletta_server.models.profiles import Profile
@@ -18,12 +19,43 @@ def _nvml() -> Any | None:
         return None
 
 
+def visible_gpu(value: str | None) -> int | str | None:
+    """The GPU this process computes on, as NVML names it, from CUDA_VISIBLE_DEVICES (``value``):
+    its first entry, an index or a ``GPU-…`` / ``MIG-…`` UUID; 0 when unset; None when the variable
+    hides every GPU ("" or a negative index). NVML itself ignores the variable and counts every GPU
+    in PCI bus order (CUDA's order too with CUDA_DEVICE_ORDER=PCI_BUS_ID)."""
+    if value is None:
+        return 0
+    first = value.split(",")[0].strip()
+    if not first:
+        return None
+    try:
+        index = int(first)
+    except ValueError:
+        return first
+    return index if index >= 0 else None
+
+
+def _gpu() -> tuple[Any, Any] | None:
+    """(NVML, handle of the GPU this process uses), or None when it has none."""
+    nvml = _nvml()
+    which = visible_gpu(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if nvml is None or which is None:
+        return None
+    try:
+        if isinstance(which, int):
+            return nvml, nvml.nvmlDeviceGetHandleByIndex(which)
+        return nvml, nvml.nvmlDeviceGetHandleByUUID(which)
+    except Exception:  # an index or UUID NVML does not know: CUDA sees no GPU either
+        return None
+
+
 def detect_device(profile: Profile) -> Device:
     """CUDA when a GPU is visible; otherwise NF4/bf16 fall back to fp32 on CPU with a stated reason."""
-    nvml = _nvml()
-    if nvml is not None:
+    gpu = _gpu()
+    if gpu is not None:
+        nvml, handle = gpu
         if profile.quantization == "float8":
-            handle = nvml.nvmlDeviceGetHandleByIndex(0)
             return cuda_float8(tuple(nvml.nvmlDeviceGetCudaComputeCapability(handle)), _has_torchao())
         return Device("cuda", profile.quantization)
     if profile.quantization == "fp32":
@@ -61,13 +93,13 @@ def describe(device: Device) -> str:
 
 
 def gpu_stats() -> Any | None:
-    """GpuStats from NVML for GPU 0, or None without a GPU."""
-    nvml = _nvml()
-    if nvml is None:
+    """GpuStats from NVML for the GPU this process uses, or None without a GPU."""
+    gpu = _gpu()
+    if gpu is None:
         return None
     from paletta.v1 import system_service_pb2
 
-    handle = nvml.nvmlDeviceGetHandleByIndex(0)
+    nvml, handle = gpu
     memory = nvml.nvmlDeviceGetMemoryInfo(handle)
     name = nvml.nvmlDeviceGetName(handle)
     return system_service_pb2.GpuStats(
@@ -116,7 +148,9 @@ def budget_function(device: Device, cpu_budget: int, cuda_reserve: int, cap: int
     """budget(used_by_us): the bytes models and one job's activations may use.
 
     With a cap: the cap (less CAP_MARGIN on CUDA, where it is enforced at first use). Without: the
-    configured bytes on CPU; on CUDA what is free now plus what we hold, less a reserve."""
+    configured bytes on CPU; on CUDA what is free now plus what we hold, less a reserve. Free counts
+    the blocks torch's caching allocator keeps reserved but unused (a finished job's activations):
+    CUDA reports them as used, yet they are ours to reuse."""
     if device.name != "cuda":
         return lambda used: cap or cpu_budget
 
@@ -127,7 +161,8 @@ def budget_function(device: Device, cpu_budget: int, cuda_reserve: int, cap: int
             apply_memory_cap(cap)
             return max(0, cap - CAP_MARGIN)
         free, _total = torch.cuda.mem_get_info()
-        return max(0, free + used - cuda_reserve)
+        cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        return max(0, free + cached + used - cuda_reserve)
 
     return cuda_budget
 
@@ -139,8 +174,9 @@ def device_capacity(device: Device, cpu_budget: int, cuda_reserve: int, cap: int
         return max(0, cap - (CAP_MARGIN if device.name == "cuda" else 0))
     if device.name != "cuda":
         return cpu_budget
-    nvml = _nvml()
-    if nvml is None:
+    gpu = _gpu()
+    if gpu is None:
         return 0
-    total = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(0)).total
+    nvml, handle = gpu
+    total = nvml.nvmlDeviceGetMemoryInfo(handle).total
     return max(0, total - cuda_reserve)
