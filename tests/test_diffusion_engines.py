@@ -292,6 +292,50 @@ def test_an_offloaded_pipeline_gives_the_shared_image_encoder_back(models):
         assert not any(hasattr(m, "_hf_hook") for m in encoder.modules())
 
 
+def _half_mask() -> Image.Image:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    return mask
+
+
+def run_family(key: str, pipe, sink: Sink) -> Image.Image:
+    """One small job of a diffusion family, previews at every step."""
+    from paletta_server.engines import control, flux, flux_edit, qwen
+
+    common_args = dict(steps=2, preview_every=1)
+    if key == "flux-schnell":
+        return flux.text_to_image(pipe, sink, prompt="a cat", width=64, height=64, seed=4, guidance=0.0, **common_args)
+    if key == "flux-kontext":
+        return flux_edit.edit(pipe, sink, image=gradient(), prompt="make it blue", seed=5, guidance=2.5, **common_args)
+    if key == "flux-fill":
+        return flux_edit.fill(pipe, sink, image=gradient(), mask=_half_mask(), prompt="sea", seed=1, guidance=30,
+                              **common_args)
+    if key == "flux-controlnet-union":
+        return control.control(pipe, sink, control_image=gradient(), control_type=control_pb.CONTROL_TYPE_CANNY,
+                               control_scale=0.7, prompt="a cat", width=64, height=64, seed=3, guidance=3.5,
+                               **common_args)
+    assert key == "qwen-image-edit"
+    return qwen.edit(pipe, sink, image=gradient((64, 48)), prompt="make it red", negative_prompt="", seed=1,
+                     guidance=4.0, **common_args)
+
+
+@pytest.mark.parametrize("key", ["flux-schnell", "flux-kontext", "flux-fill", "flux-controlnet-union",
+                                 "qwen-image-edit"])
+def test_model_cpu_offload_changes_no_pixel(models, key):
+    """When the memory budget needs it a family runs under diffusers' model CPU offload. With the real
+    accelerate hooks (the CPU standing in for the GPU) it must give the whole pipeline's pixels and
+    previews, again on a second call (the hooks re-arm at the end of each)."""
+    pipe = import_object(SPEC[key].loader)(models.source(key), models.lc)  # offloading changes it for good
+    whole_sink = Sink()
+    whole = pixels(run_family(key, pipe, whole_sink))
+    pipe.enable_model_cpu_offload(device="cpu")
+    for _ in range(2):
+        sink = Sink()
+        assert (pixels(run_family(key, pipe, sink)) == whole).all()
+        assert sink.steps == whole_sink.steps
+        assert [pixels(p).tolist() for p in sink.previews] == [pixels(p).tolist() for p in whole_sink.previews]
+
+
 def test_instantx_ip_adapter_is_refused_with_an_explanation(models, tmp_path):
     from paletta_server.engines import ip_adapter
 

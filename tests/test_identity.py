@@ -176,6 +176,24 @@ def test_true_cfg_runs_a_negative_pass_with_the_neutral_identity(models, tokens)
     assert distance(with_cfg, identity_image(models, tokens[0])) > 1.0
 
 
+def test_identity_under_model_cpu_offload_gives_the_same_image(models, tokens):
+    """The memory plan may run FLUX.1-dev offloaded beside PuLID's resident modules: with the real
+    accelerate hooks (the CPU standing in for the GPU) the identity image is the whole pipeline's."""
+    from paletta_server.engines import pulid
+    from paletta_server.engines.common import import_object
+    from tests.test_diffusion_engines import SPEC
+
+    pipe = import_object(SPEC["flux-dev-pipeline"].loader)(models.source("flux-dev-pipeline"), models.lc)
+
+    def image():
+        return pulid.generate(pipe, Sink(), modules=models.model("pulid-flux"), identity=tokens[0], strength=1.0,
+                              start_step=0, **DEV)
+
+    whole = image()
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert image().tobytes() == whole.tobytes() and image().tobytes() == whole.tobytes()
+
+
 @pytest.mark.parametrize(("device", "available", "expected"), [
     ("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]),
     ("cuda", ["AzureExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]),  # plain wheel
