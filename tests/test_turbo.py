@@ -53,6 +53,18 @@ def test_turbo_takes_float8_only_where_the_gpu_and_libraries_can(monkeypatch, ca
     assert str(device.dtype) == "torch.bfloat16"
 
 
+def test_float8_needs_torchao_to_import_not_only_to_be_installed(monkeypatch):
+    """A torchao built for another torch is installed but does not import: bf16 then, not failing jobs."""
+    pytest.importorskip("torchao")
+    import sys
+
+    from paletta_server.models import device as device_module
+
+    assert device_module._has_torchao()
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # an import that fails
+    assert not device_module._has_torchao()
+
+
 def test_turbo_without_a_gpu_runs_fp32_and_says_so(monkeypatch):
     from paletta_server.models import device as device_module
 

@@ -10,7 +10,7 @@ a server calls torch from its device thread only.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 
@@ -27,15 +27,21 @@ class NullSink:
         pass
 
 
-async def on_device(server: Any, channel: Any, fn: Callable[[], object]) -> float:
+async def on_device(server: Any, channel: Any, fn: Callable[[], object],
+                    carrier: Callable[[], Awaitable[object]] | None = None) -> float:
     """Seconds ``fn()`` takes on the server's device thread, between jobs, the server otherwise idle.
 
-    It runs in the device worker's ``run`` of a small carrier job (a 64², 1-step Generate), before
-    that job and 50 ms after the worker took it, so the carrier's `queued` event has reached the
-    client by then."""
+    It runs in the device worker's ``run`` of a small carrier job, before that job and 50 ms after the
+    worker took it, so the carrier's `queued` event has reached the client by then. The carrier is a
+    64², 1-step Generate on ``channel``, or ``carrier()`` (one that uses the model being measured, so
+    the carrier loads nothing and evicts nothing)."""
     from paletta.v1 import generate_pb2 as gen
     from paletta.v1 import generate_service_pb2_grpc as gen_grpc
     from tests.helpers import collect
+
+    async def generate() -> object:
+        return await collect(gen_grpc.GenerateServiceStub(channel).Generate(
+            gen.GenerateRequest(prompt="carrier", width=64, height=64, steps=1, seed=0)))
 
     worker = server.app.worker
     original = worker.run
@@ -54,8 +60,7 @@ async def on_device(server: Any, channel: Any, fn: Callable[[], object]) -> floa
 
     worker.run = run
     try:
-        await collect(gen_grpc.GenerateServiceStub(channel).Generate(
-            gen.GenerateRequest(prompt="carrier", width=64, height=64, steps=1, seed=0)))
+        await (carrier or generate)()
     finally:
         worker.run = original
     if failed:

@@ -1,7 +1,7 @@
 """Full-size FLUX.1 benchmark on a GPU: Paletta's own server, loaders and SDK on random weights of the
 real sizes (same FLOPs and memory as the released checkpoints, nothing to download).
 
-    python -m tests.bench.gpu [--out bench-out/gpu] [--budget-s 390]     # on a CUDA machine
+    python -m tests.bench.gpu [--out bench-out/gpu] [--budget-s 360]     # on a CUDA machine
     python -m tests.bench.gpu --size tiny --steps 2 --runs 2             # same code path, CPU, tiny models
 
 What it does, writing ``<out>/results.json`` after every figure (a cut-off run still returns what it had):
@@ -28,20 +28,26 @@ What it does, writing ``<out>/results.json`` after every figure (a cut-off run s
 3. ``memory`` (``--memory-budget 16GiB``, last, or alone with ``--only memory``): a ``fast`` server
    capped at that budget (the residency plan and ``torch.cuda.set_per_process_memory_fraction``, so an
    80+ GB GPU fails where a 16 GB card would) runs one job per capability at ``--res`` (1024²):
-   Generate, Kontext Edit, Fill inpaint, ControlNet (full-size Union-Pro, NF4) and, when the time and
-   the tmpfs allow, Qwen-Image-Edit (20 B MMDiT + Qwen2.5-VL-7B, built after the FLUX weights are
+   Generate, Kontext Edit, Fill inpaint, ControlNet (full-size Union-Pro, NF4), identity (full-size
+   PuLID and EVA02-L; skipped, saying why, where InsightFace, facexlib or onnx is missing) and, when the
+   time and the tmpfs allow, Qwen-Image-Edit (20 B MMDiT + Qwen2.5-VL-7B, built after the FLUX weights are
    removed). Each writes pass/fail (with the error reason), peak allocated, s/step, whether it was
    offloaded and what was evicted into results.json ``memory.jobs`` and summary.md as it goes.
 
 Stages run in order of importance and are skipped when their estimate no longer fits ``--budget-s``.
-``--only`` names the stages to run (fast, quality, turbo, memory; e.g. ``--only quality turbo memory``),
-so one device call can take several without building the full-size weights again.
+``--only`` names the stages to run (fast, quality, turbo, memory; e.g. ``--only quality memory turbo``),
+so one device call can take several without building the full-size weights again; they run as fast,
+quality, memory, turbo. Before anything is built, ``preflight`` constructs every full-size component on
+the meta device. Direct calls run on the server's device thread between jobs (tests.bench.on_device),
+carried by a small job of the same model. SIGINT (gpu_device.sh's deadline) ends the run with exit
+status 3, results.json and summary.md written and the work folder removed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import hashlib
 import io
@@ -67,6 +73,8 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from tests.bench import on_device  # noqa: E402
 
 KEYS = ("flux-schnell", "flux-kontext", "flux-fill")
 PROMPT = "a lighthouse on a cliff at dusk, storm clouds, photograph"
@@ -101,6 +109,7 @@ FULL = {  # FLUX.1 component shapes (shared/notes/gpu.md)
                         fullatt_block_indexes=[7, 15, 23, 31]),
 }
 MEMORY_KINDS = ("generate", "edit", "inpaint", "control", "identity", "qwen_edit")
+CARRIER_EDGE = 64  # the small job of the measured model that carries a direct call onto the device thread
 log = logging.getLogger("paletta.bench.gpu")
 
 
@@ -112,8 +121,8 @@ class Results:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.started = started
-        self.data: dict[str, Any] = {"meta": {}, "build": {}, "profiles": {}, "skipped": [], "errors": [],
-                                     "elapsed_s": 0.0}
+        self.data: dict[str, Any] = {"meta": {}, "preflight": {}, "build": {}, "profiles": {}, "skipped": [],
+                                     "errors": [], "elapsed_s": 0.0}
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -199,6 +208,67 @@ def full_qwen_text_encoder(tiny_config: Path | None) -> Any:
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
+def construct(name: str, fill: bool = False, tiny_config: Path | None = None) -> Any:
+    """One full-size component with random weights, on the current default device and dtype."""
+    if name == "transformer":
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel(**dict(FULL["transformer"],
+                                             **({"in_channels": 384, "out_channels": 64} if fill else {})))
+    if name == "text_encoder_2":
+        from transformers import T5Config, T5EncoderModel
+
+        return T5EncoderModel(T5Config(**FULL["t5"]))
+    if name == "text_encoder":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        return CLIPTextModel(CLIPTextConfig(**FULL["clip"]))
+    if name == "controlnet":
+        from diffusers import FluxControlNetModel
+
+        return FluxControlNetModel(**FULL["controlnet"])
+    if name == "qwen_transformer":
+        from diffusers import QwenImageTransformer2DModel
+
+        return QwenImageTransformer2DModel(**FULL["qwen_transformer"])
+    if name == "qwen_text_encoder":
+        return full_qwen_text_encoder(tiny_config)
+    if name == "qwen_vae":
+        from diffusers import AutoencoderKLQwenImage
+
+        return AutoencoderKLQwenImage()
+    assert name == "vae", name
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**FULL["vae"])
+
+
+# The full-size components a kind builds beyond the FLUX ones (which every stage needs).
+FULL_BUILDERS = {"control": ("controlnet",), "qwen_edit": ("qwen_transformer", "qwen_vae", "qwen_text_encoder")}
+FLUX_COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
+
+
+def preflight(res: Results, names: tuple[str, ...], tiny_config: Path | None = None) -> bool:
+    """Construct full-size components on the meta device (no memory, about a second each): a config
+    these library versions refuse is known before device time is spent building it. False if any fails."""
+    import torch
+
+    ok = True
+    for name in names:
+        start = time.perf_counter()
+        try:
+            with torch.device("meta"):
+                model = construct(name, tiny_config=tiny_config)
+            res.put(f"preflight.{name}", {"params": sum(p.numel() for p in model.parameters()),
+                                          "seconds": time.perf_counter() - start})
+            del model
+        except Exception as exc:
+            ok = False
+            res.put(f"preflight.{name}", {"error": f"{type(exc).__name__}: {exc}"[:1000]})
+            res.say(f"preflight: the full-size {name} does not build: {type(exc).__name__}: {str(exc)[:300]}")
+    return ok
+
+
 def build_full_component(name: str, dest: Path, fill: bool = False,
                          tiny_config: Path | None = None) -> dict[str, float]:
     """Construct one full-size component on the GPU in bf16 and save it; returns parameters and seconds."""
@@ -210,37 +280,7 @@ def build_full_component(name: str, dest: Path, fill: bool = False,
     torch.manual_seed(0)
     try:
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            if name == "transformer":
-                from diffusers import FluxTransformer2DModel
-
-                shape = dict(FULL["transformer"], **({"in_channels": 384, "out_channels": 64} if fill else {}))
-                model = FluxTransformer2DModel(**shape)
-            elif name == "text_encoder_2":
-                from transformers import T5Config, T5EncoderModel
-
-                model = T5EncoderModel(T5Config(**FULL["t5"]))
-            elif name == "text_encoder":
-                from transformers import CLIPTextConfig, CLIPTextModel
-
-                model = CLIPTextModel(CLIPTextConfig(**FULL["clip"]))
-            elif name == "controlnet":
-                from diffusers import FluxControlNetModel
-
-                model = FluxControlNetModel(**FULL["controlnet"])
-            elif name == "qwen_transformer":
-                from diffusers import QwenImageTransformer2DModel
-
-                model = QwenImageTransformer2DModel(**FULL["qwen_transformer"])
-            elif name == "qwen_text_encoder":
-                model = full_qwen_text_encoder(tiny_config)
-            elif name == "qwen_vae":
-                from diffusers import AutoencoderKLQwenImage
-
-                model = AutoencoderKLQwenImage()
-            else:
-                from diffusers import AutoencoderKL
-
-                model = AutoencoderKL(**FULL["vae"])
+            model = construct(name, fill, tiny_config)
         params = sum(p.numel() for p in model.parameters())
         built = time.perf_counter() - start
         model.save_pretrained(dest)
@@ -368,6 +408,13 @@ def _peak_memory() -> dict[str, int]:
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def _synchronize() -> None:
+    """Wait for the GPU (a timed interval ends when its work is done, not when it was queued)."""
+    cuda = _cuda()
+    if cuda is not None:
+        cuda.synchronize()
+
+
 def _reset_peak() -> None:
     cuda = _cuda()
     if cuda is not None:
@@ -399,14 +446,34 @@ class Server:
         await self.server.stop(0.5)
         await asyncio.to_thread(self.server.app.residency.unload)
         del self.server
-        gc.collect()
-        cuda = _cuda()
-        if cuda is not None:
-            cuda.empty_cache()
+        release_device_memory()
 
     @property
     def app(self) -> Any:
         return self.server.app
+
+
+def release_device_memory() -> None:
+    """What a stopped server leaves on the GPU, freed for the next stage (under the memory stage's cap
+    every byte counts): compiled code holding its modules, cuBLAS workspaces of the dead device
+    thread, cached allocator blocks."""
+    gc.collect()
+    cuda = _cuda()
+    if cuda is None:
+        return
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    torch._C._cuda_clearCublasWorkspaces()
+    cuda.empty_cache()
+
+
+def device_memory() -> dict[str, int]:
+    cuda = _cuda()
+    if cuda is None:
+        return {}
+    return {"allocated_bytes": cuda.memory_allocated(), "reserved_bytes": cuda.memory_reserved()}
 
 
 async def timed_job(start_job: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
@@ -521,11 +588,15 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
     picture = Image.fromarray(photo_like(size), "RGB")
     mask = Image.new("L", (size, size), 0)
     mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    little = CARRIER_EDGE
     if kind == "generate":
         key = "flux-schnell"
 
         def start_job():
             return client.generate(PROMPT, width=size, height=size, steps=steps, seed=1)
+
+        def start_carrier():
+            return client.generate("carrier", width=little, height=little, steps=1, seed=0)
 
         def direct(pipe, sink, preview_every=10**9):
             return flux.text_to_image(pipe, sink, prompt=PROMPT, width=size, height=size, steps=steps, seed=1,
@@ -537,6 +608,11 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
 
         def start_job():
             return client.edit(image_asset, EDIT_PROMPT, steps=steps, seed=1)
+
+        little_asset = (await client.upload(picture.resize((little, little)))).name
+
+        def start_carrier():
+            return client.edit(little_asset, "carrier", steps=1, seed=0)
 
         def direct(pipe, sink, preview_every=10**9):
             return flux_edit.edit(pipe, sink, image=small, prompt=EDIT_PROMPT, steps=steps, seed=1, guidance=2.5,
@@ -550,6 +626,12 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
         def start_job():
             return client.inpaint(image_asset, mask_asset, FILL_PROMPT, steps=steps, seed=1)
 
+        little_asset = (await client.upload(picture.resize((little, little)))).name
+        little_mask = (await client.upload(mask.resize((little, little)))).name
+
+        def start_carrier():
+            return client.inpaint(little_asset, little_mask, "carrier", steps=1, seed=0)
+
         def direct(pipe, sink, preview_every=10**9):
             return flux_edit.fill(pipe, sink, image=small, mask=small_mask, prompt=FILL_PROMPT, steps=steps, seed=1,
                                   guidance=30.0, preview_every=preview_every)
@@ -561,16 +643,30 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
         await timed_job(start_job)
         res.put(f"{prefix}.load_and_first_job_s", time.perf_counter() - start)
     pipe = await asyncio.to_thread(server.app.residency.ensure_resident, key)
+
+    async def on_device_thread(sink: TimingSink, preview_every: int = 10**9,
+                               pauses: GcPauses | None = None) -> tuple[float, float]:
+        """The direct call on the server's device thread (tests.bench.on_device), between jobs, the
+        carrier a small job of the same model; (start, end) on the perf_counter clock, the GPU done."""
+        marks: list[float] = []
+
+        def call() -> None:
+            with pauses or contextlib.nullcontext():
+                marks.append(time.perf_counter())
+                direct(pipe, sink, preview_every)
+                _synchronize()
+                marks.append(time.perf_counter())
+
+        await on_device(server, None, call, carrier=lambda: timed_job(start_carrier))
+        return marks[0], marks[1]
+
     grpc_jobs, direct_times, direct_steps = [], [], []
     gc_grpc, gc_direct = GcPauses(), GcPauses()
     for _ in range(runs):
         with gc_grpc:
             grpc_jobs.append(await timed_job(start_job))
         sink = TimingSink()
-        start = time.perf_counter()
-        with gc_direct:
-            await asyncio.to_thread(direct, pipe, sink)
-        end = time.perf_counter()
+        start, end = await on_device_thread(sink, pauses=gc_direct)
         direct_times.append(end - start)
         if sink.steps:
             direct_steps.append({"start_to_first_step": (sink.steps[0] - start) * 1000,
@@ -578,13 +674,12 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
                                  "last_step_to_return": (end - sink.steps[-1]) * 1000})
     previews_every = server.app.config.preview_every  # the same call with the previews a job makes
     with_previews, previews_sent = [], []
-    for _ in range(min(2, runs)):
+    for _ in range(runs):
         sink = TimingSink()
-        start = time.perf_counter()
-        await asyncio.to_thread(direct, pipe, sink, previews_every)
-        with_previews.append(time.perf_counter() - start)
+        start, end = await on_device_thread(sink, previews_every)
+        with_previews.append(end - start)
         previews_sent.append(sink.previews)
-    del pipe
+    pipe = None  # the residency manager may free it
     grpc_s = [j["seconds"] for j in grpc_jobs]
     g, d = _median(grpc_s), _median(direct_times)
     lines = [t for t in (timeline(j) for j in grpc_jobs) if t]
@@ -598,6 +693,8 @@ async def measure(res: Results, prefix: str, server: Server, kind: str, args: ar
         "grpc_s": grpc_s, "direct_s": direct_times, "grpc_median_s": g, "direct_median_s": d,
         "ratio": g / d if d else 0.0, "overhead_ms": (g - d) * 1000,
         "direct_with_previews_s": with_previews, "previews_ms": (_median(with_previews) - d) * 1000,
+        # against the direct call that makes the job's previews too: what the job adds beyond them
+        "ratio_with_previews": g / _median(with_previews) if with_previews else 0.0,
         # previews made (of those due: steps below the last, every preview_every): by the direct call
         # with previews and by each gRPC job; on CUDA one still being copied at the last step is dropped
         "previews": {"due": len(range(previews_every, steps, previews_every)), "direct": previews_sent,
@@ -708,34 +805,50 @@ async def _measure_alone(res: Results, prefix: str, server: Server, kind: str, a
 
 
 # -- the memory cap: every capability on an emulated 16 GB card ---------------------------------------
-MEMORY_KEYS = ("flux-dev", "flux-controlnet-union", "qwen-image-edit", "pulid-flux", "antelopev2", "eva02-clip-l-336",
-               "facexlib-parsing", "hyper-sd")
+# What each memory-stage kind needs beyond the FLUX folders: registry keys (tiny folders, some swapped
+# for full-size weights) and the Python packages their loaders and tiny builders import.
+MEMORY_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "control": (("flux-dev", "flux-controlnet-union"), ()),
+    "identity": (("flux-dev", "pulid-flux", "antelopev2", "eva02-clip-l-336", "facexlib-parsing"),
+                 ("insightface", "facexlib", "onnx", "timm")),
+    "qwen_edit": (("qwen-image-edit",), ()),
+}
 # Hyper-FLUX.1-dev-8steps-lora.safetensors is 1.39 GB: about rank 64 on every linear layer of the
 # transformer's blocks, stored in fp32; the full-size stand-in has that layout and size.
 HYPER_LORA_RANK = 64
 
 
-def build_memory_folders(res: Results, work: Path, size: str, folders: dict[str, Path]) -> dict[str, Path]:
-    """Tiny folders for the ControlNet's FLUX.1-dev base, the ControlNet and Qwen-Image-Edit; at full size
-    the dev base links the full FLUX components (one transformer with guidance serves it)."""
+def missing_packages(kind: str) -> list[str]:
+    import importlib.util
+
+    return [name for name in MEMORY_NEEDS.get(kind, ((), ()))[1] if importlib.util.find_spec(name) is None]
+
+
+def build_memory_folders(res: Results, work: Path, size: str, kinds: list[str], profile: str) -> dict[str, Path]:
+    """Tiny folders of what ``kinds`` need (the ControlNet and its FLUX.1-dev base, the identity models,
+    Qwen-Image-Edit; the acceleration LoRA under ``hyper``); at full size the dev base links the full
+    FLUX components (one transformer with guidance serves it)."""
     from paletta_server.engines.common import import_object
     from paletta_server.models.registry import SPECS
 
     specs = {spec.key: spec for spec in SPECS}
     start = time.perf_counter()
+    keys = sorted({key for kind in kinds for key in MEMORY_NEEDS.get(kind, ((), ()))[0]}
+                  | ({"hyper-sd"} if profile == "hyper" else set()))
     extra = {}
-    for key in MEMORY_KEYS:
+    for key in keys:
         folder = work / "models" / "tiny" / key
         if not (folder / ".complete").exists():
             folder.mkdir(parents=True, exist_ok=True)
             import_object(specs[key].tiny_builder)(folder)
             (folder / ".complete").touch()
         extra[key] = folder
-    if size == "full":
+    if size == "full" and "flux-dev" in extra:
         full = work / "full"
         for name in ("transformer", "text_encoder_2", "text_encoder", "vae"):
             swap_in(extra["flux-dev"], name, full / name)
     res.put("build.memory_tiny_folders_s", time.perf_counter() - start)
+    res.put("build.memory_folders", sorted(extra))
     return extra
 
 
@@ -885,7 +998,6 @@ async def memory_job(res: Results, server: Server, kind: str, args: argparse.Nam
             f"{', offloaded' if figures['offloaded'] else ''}"
             f"{', evicted ' + ','.join(figures['evicted']) if figures['evicted'] else ''}"
             + ("" if figures["passed"] else f"; {figures.get('reason', '')} {figures.get('error', '')[:200]}"))
-    summarize(res)
 
 
 def uncapped(cap: int, build, *args):  # noqa: ANN001, ANN201
@@ -916,7 +1028,20 @@ async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, f
 
     cap = parse_size(args.memory_budget)
     est = ESTIMATES[args.size]
-    extra = build_memory_folders(res, work, args.size, folders)
+    kinds = []
+    for kind in MEMORY_KINDS:
+        if kind in args.skip:
+            continue
+        missing = missing_packages(kind)
+        broken = [name for name in FULL_BUILDERS.get(kind, ()) if "error" in res.data["preflight"].get(name, {})]
+        if missing or (broken and args.size == "full"):
+            reason = (f"needs {', '.join(missing)} (not installed)" if missing
+                      else f"full-size {', '.join(broken)} does not build here (preflight)")
+            res.append("skipped", {"stage": f"memory.{kind}", "reason": reason})
+            res.say(f"skipping memory.{kind}: {reason}")
+            continue
+        kinds.append(kind)
+    extra = build_memory_folders(res, work, args.size, kinds, args.memory_profile)
     for key, folder in extra.items():
         os.environ["PALETTA_MODEL_" + key.upper().replace("-", "_").replace(".", "_")] = str(folder)
     if args.size == "full" and args.memory_profile == "hyper" and not await stage(
@@ -926,7 +1051,9 @@ async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, f
     data.mkdir(parents=True, exist_ok=True)
     os.environ["PALETTA_NF4_CACHE_DIR"] = str(data / "models" / "nf4-cache")
     res.put("memory.setup", {"memory_budget": args.memory_budget, "cap_bytes": cap, "profile": args.memory_profile,
-                             "res": args.res, "steps": args.memory_steps})
+                             "res": args.res, "steps": args.memory_steps,
+                             # what earlier stages left on the GPU counts against the cap, unplanned
+                             "carried_in": device_memory()})
     try:
         async with Server(data, args.memory_profile, memory_budget=cap) as server:
             status = await server.client.status()
@@ -936,9 +1063,7 @@ async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, f
                                       "keep_two_families": status.keep_two_families})
             res.say(f"memory: cap {cap / 2**30:.2f} GiB, budget {status.memory_budget_bytes / 2**30:.2f} GiB, "
                     f"inference edge {status.inference_edge}, two families {status.keep_two_families}")
-            for kind in MEMORY_KINDS:
-                if kind in args.skip:
-                    continue
+            for kind in kinds:
                 need = est["memory_job"]
                 if args.size == "full":
                     need += {"inpaint": est["build_fill"], "control": est["build_control"],
@@ -957,6 +1082,11 @@ async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, f
                 if args.size == "full" and kind == "identity" and not await stage(
                         res, "memory.build_identity", uncapped(cap, build_full_identity, res, work, extra)):
                     continue
+                if kind == "qwen_edit":  # its text encoder's full config comes from the tiny build
+                    built = preflight(res, ("qwen_text_encoder",), extra["qwen-image-edit"] / "text_encoder")
+                    if not built and args.size == "full":
+                        res.append("skipped", {"stage": "memory.qwen_edit", "reason": "preflight"})
+                        continue
                 if args.size == "full" and kind == "qwen_edit":
                     await server.client.unload_models()
                     build_qwen = uncapped(cap, build_full_qwen, res, work, extra["qwen-image-edit"])
@@ -980,6 +1110,7 @@ ESTIMATES = {
              "qwen_job": 5},
 }
 LOAD_LOG: list[str] = []
+INTERRUPTED = 3  # main's exit status when the run was cut off (gpu_device.sh maps its timeout to it too)
 
 
 class _LoadLogHandler(logging.Handler):
@@ -996,7 +1127,8 @@ def fits(res: Results, args: argparse.Namespace, name: str, estimate: float) -> 
 
 
 async def stage(res: Results, name: str, body: Callable[[], Awaitable[Any]]) -> bool:
-    """Run one stage; a failure is recorded and the run goes on with the next stage."""
+    """Run one stage; a failure is recorded and the run goes on with the next stage. summary.md is
+    rewritten after each, so a run cut off later still leaves it."""
     try:
         await body()
         return True
@@ -1005,6 +1137,8 @@ async def stage(res: Results, name: str, body: Callable[[], Awaitable[Any]]) -> 
                               "traceback": traceback.format_exc()[-4000:]})
         res.say(f"{name} failed: {type(exc).__name__}: {str(exc)[:300]}")
         return False
+    finally:
+        summarize(res, show=False)
 
 
 def meta(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -1032,14 +1166,12 @@ def meta(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 async def run_profile_stages(res: Results, args: argparse.Namespace, work: Path, folders: dict[str, Path],
                              data: dict[str, Path], est: dict[str, float]) -> None:
-    """Everything but the memory stage, or what ``--only`` names of it (fast, quality, turbo)."""
+    """Everything but the memory stage, or what ``--only`` names of fast and quality."""
     if args.only is not None:
         for profile in ("fast", "quality"):
             if profile in args.only and fits(res, args, profile, est["profile"]):
                 await stage(res, profile, lambda p=profile: run_profile_stage(res, p, data[p], ["generate", "edit"],
                                                                               args, p))
-        if "turbo" in args.only:
-            await run_turbo_stages(res, args, data, est)
         return
     for profile in ("fast", "quality"):
         if fits(res, args, profile, est["profile"]):
@@ -1092,6 +1224,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         res.put("meta", meta(args, work))
         res.say(f"benchmark {args.size}: {res.data['meta'].get('gpu', 'cpu')}, work dir {work}")
+        preflight(res, FLUX_COMPONENTS + ("controlnet", "qwen_transformer", "qwen_vae"))
         folders = build_models(res, work, args.size)
         res.say(f"models ready in {res.data['build']['total_s']:.1f} s")
         for key, folder in folders.items():
@@ -1105,20 +1238,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         est = ESTIMATES[args.size]
 
         # 1. fast: first image, Generate ratio, Kontext. 2. quality: the same. 3. fast again: NF4 cache warm.
-        # 4. turbo, cold then warm compile cache. 5. the memory cap stage. --only: the stages it names.
+        # 4. turbo, cold then warm compile cache. 5. the memory cap stage. --only: the stages it names,
+        # fast and quality, then memory, then turbo (the least certain to fit: it compiles).
         await run_profile_stages(res, args, work, folders, data, est)
         if "memory" not in args.skip and (args.only is None or "memory" in args.only):
             await stage(res, "memory", lambda: run_memory_stage(res, args, work, folders))
-        summarize(res)
+        if args.only is not None and "turbo" in args.only:
+            await run_turbo_stages(res, args, data, est)
         return res.data
-    finally:
+    finally:  # also when the run is interrupted (SIGINT: gpu_device.sh's timeout sends it)
         res.flush()
+        summarize(res)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def summarize(res: Results) -> None:
-    """A short table on stdout and in <out>/summary.md."""
+def summarize(res: Results, show: bool = True) -> None:
+    """A short table in <out>/summary.md (and on stdout with ``show``)."""
     lines = ["| figure | " + " | ".join(res.data["profiles"]) + " |", "|---|" + "---|" * len(res.data["profiles"])]
 
     def row(label: str, fn: Callable[[dict], str]) -> None:
@@ -1161,7 +1297,8 @@ def summarize(res: Results) -> None:
                          f"{', '.join(f.get('evicted', []))} | {f.get('reason', '')} {f.get('error', '')[:120]} |")
     text = "\n".join(lines)
     (res.out / "summary.md").write_text(text + "\n")
-    print(text, flush=True)
+    if show:
+        print(text, flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1173,7 +1310,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--edit-steps", type=int, help="Kontext / Fill steps (default 8 full, --steps tiny)")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget-s", type=float, help="skip stages that would end later (default 360 full)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("fill", "turbo", "memory") + MEMORY_KINDS)
+    parser.add_argument("--skip", nargs="*", default=[], choices=("fill", "turbo", "memory") + MEMORY_KINDS,
+                        help="stages, or memory-stage jobs (generate, edit, … name those only), to leave out")
     parser.add_argument("--only", nargs="+", choices=STAGES,
                         help="run only these stages (and the builds they need), e.g. --only quality turbo memory")
     parser.add_argument("--memory-budget", default="16GiB", help="the memory stage's cap (default 16GiB)")
@@ -1196,7 +1334,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.size == "full" and _cuda() is None:
         print("--size full needs a CUDA GPU; use --size tiny on a CPU", file=sys.stderr)
         return 2
-    data = asyncio.run(run(args))
+    try:
+        data = asyncio.run(run(args))
+    except KeyboardInterrupt:  # SIGINT (gpu_device.sh's timeout): results.json and summary.md are written
+        print("interrupted: the figures so far are in", args.out, file=sys.stderr)
+        return INTERRUPTED
     return 1 if data["errors"] else 0
 
 

@@ -5,7 +5,12 @@
 #   on the device:  bash tests/bench/gpu_device.sh [benchmark args]   with carry [".device", "client/paletta/v1"]
 #
 # Results go to $OUT (the device tool's folder; bench-out/gpu otherwise) as the run goes:
-# results.json (see tests/bench/gpu.py), summary.md, device.txt (versions), install.log.
+# results.json (see tests/bench/gpu.py), summary.md, bench.log, device.txt (versions), install.log.
+#
+# DEADLINE_S (default 540): seconds this whole script may take, set-up included; give the device call a
+# timeout_s a little above it. The benchmark gets what the set-up leaves: it is interrupted (SIGINT, so
+# it still writes summary.md and removes its weights) 30 s before the deadline, and plans its stages for
+# 60 s less (`--budget-s`, unless given). Exit 3: the deadline cut the run short.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -13,8 +18,10 @@ OUT=${OUT:-$ROOT/bench-out/gpu}
 mkdir -p "$OUT"
 SITE=$ROOT/.device/site
 WHEELS=$ROOT/.device/wheels
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-420}
+DEADLINE_S=${DEADLINE_S:-540}
 t0=$(date +%s)
+# A run cut off before its clean-up leaves tens of GB in the tmpfs; the next would build on disk.
+rm -rf /dev/shm/paletta-gpu-bench-* 2>/dev/null || true
 
 PY=${PYTHON:-}
 for candidate in python3.12 python3 python; do
@@ -75,12 +82,31 @@ echo "installed ${#wheels[@]} wheels in $(( $(date +%s) - t0 )) s"
 
 export PYTHONPATH=$ROOT/server:$ROOT/client:$ROOT/webui:$ROOT:$SITE
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-"$PY" -c "import diffusers, bitsandbytes, sqlalchemy, grpc, pynvml, paletta_server.server, paletta.v1.job_pb2; \
+if ! "$PY" -c "import diffusers, bitsandbytes, sqlalchemy, grpc, pynvml, paletta_server.server, paletta.v1.job_pb2; \
 print('imports ok: diffusers', diffusers.__version__, 'bitsandbytes', bitsandbytes.__version__, 'grpc', grpc.__version__)" \
-  2>&1 | grep -v "kernels" | tee -a "$OUT/device.txt"
+  > >(grep -v "kernels" | tee -a "$OUT/device.txt") 2>&1; then
+  echo "the server does not import (see device.txt)" | tee "$OUT/error.txt"; exit 1
+fi
+# Optional: turbo's float8 (without it turbo runs bf16), identity's face models (without them it is skipped).
+"$PY" - 2>&1 <<'PY' | grep -v "kernels" | tee -a "$OUT/device.txt"
+import importlib
+for name in ("torchao.quantization", "insightface.app", "facexlib", "onnx", "timm"):
+    try:
+        importlib.import_module(name)
+        print(f"import {name}: ok")
+    except Exception as exc:
+        print(f"import {name}: {type(exc).__name__}: {str(exc)[:200]}")
+PY
 
-timeout -k 10 "$BENCH_TIMEOUT" "$PY" -m tests.bench.gpu --out "$OUT" "$@" 2>&1 | grep -v "Failed to load CPU gemm_4bit"
+left=$(( DEADLINE_S - ($(date +%s) - t0) - 30 ))
+(( left > 60 )) || { echo "only ${left} s left after the set-up" | tee "$OUT/error.txt"; exit 1; }
+echo "set-up took $(( $(date +%s) - t0 )) s; the benchmark gets ${left} s"
+timeout -s INT -k 20 "$left" "$PY" -m tests.bench.gpu --out "$OUT" --budget-s $(( left - 60 )) "$@" 2>&1 \
+  | grep --line-buffered -v "Failed to load CPU gemm_4bit" | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
+if (( rc == 124 || rc == 137 )); then
+  echo "DEADLINE_S reached: the benchmark was cut off (its figures so far are in results.json)"; rc=3
+fi
 echo "benchmark exit $rc after $(( $(date +%s) - t0 )) s; results in $OUT:"
 ls -la "$OUT"
 exit "$rc"

@@ -74,14 +74,19 @@ def cuda_float8(capability: tuple[int, int], torchao: bool) -> Device:
         return Device("cuda", "bf16", note=f"float8 needs compute capability 8.9+ (this GPU: "
                                            f"{capability[0]}.{capability[1]}); running bf16")
     if not torchao:
-        return Device("cuda", "bf16", note="float8 needs torchao (pip install 'paletta[turbo]'); running bf16")
+        return Device("cuda", "bf16", note="float8 needs torchao importable with this torch "
+                                           "(pip install 'paletta[turbo]'); running bf16")
     return Device("cuda", "float8")
 
 
 def _has_torchao() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torchao") is not None
+    """Whether torchao's float8 recipe imports here (installed, and built for this torch); imports torch,
+    which only the turbo profile on a GPU pays at start."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow  # noqa: F401
+    except Exception:  # absent, or built against another torch
+        return False
+    return True
 
 
 def describe(device: Device) -> str:
