@@ -1099,10 +1099,11 @@ async def run_memory_stage(res: Results, args: argparse.Namespace, work: Path, f
 
 
 # -- orchestration ---------------------------------------------------------------------------------
-# Seconds each stage is expected to take (full size on an H100; tiny on a 2-core CPU), for the budget.
+# Seconds each stage is expected to take (full size on an H100; tiny on a 2-core CPU), for the budget;
+# a measured kind makes 2 × runs direct calls (without and with previews), each carried by a 1-step job.
 STAGES = ("fast", "quality", "turbo", "memory")  # what --only can name
 ESTIMATES = {
-    "full": {"generate": 20, "edit": 60, "fill": 60, "profile": 50, "restart": 25, "build_fill": 35, "turbo": 120,
+    "full": {"generate": 25, "edit": 75, "fill": 75, "profile": 70, "restart": 25, "build_fill": 35, "turbo": 120,
              "memory_job": 25, "build_control": 15, "build_identity": 20, "build_qwen": 100,
              "qwen_job": 90},
     "tiny": {"generate": 5, "edit": 5, "fill": 5, "profile": 5, "restart": 5, "build_fill": 0, "turbo": 60,
