@@ -1274,6 +1274,7 @@ def summarize(res: Results, show: bool = True) -> None:
     for kind in ("generate", "edit", "fill"):
         row(f"{kind}: gRPC / direct (s)", lambda f, k=kind: f"{f[k]['grpc_median_s']:.3f} / "
             f"{f[k]['direct_median_s']:.3f} = {f[k]['ratio']:.3f}")
+        row(f"{kind}: gRPC / direct with the job's previews", lambda f, k=kind: f"{f[k]['ratio_with_previews']:.3f}")
         row(f"{kind}: GC pauses ms, gRPC / direct (all runs)", lambda f, k=kind: f"{sum(f[k]['gc']['grpc']['ms']):.1f}"
             f" / {sum(f[k]['gc']['direct']['ms']):.1f}")
         row(f"{kind}: s/step, overhead ms (of which previews)", lambda f, k=kind: f"{f[k]['s_per_step_direct']:.3f}, "
