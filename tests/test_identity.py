@@ -242,7 +242,7 @@ def test_the_identity_follows_the_ca_modules_device_when_the_transformer_waits_e
     with torch.no_grad(), pulid.injected_identity(transformer, modules, tokens[0], 1.0, start_step=0):
         out = transformer(hidden)
     assert out.device.type == "cpu" and out.shape == hidden.shape
-    assert (out - hidden).abs().mean() > 1e-3  # every CA module added its share
+    assert (out - hidden).abs().mean() > 1e-3  # the CA modules added the identity
 
 
 # -- the capability through a real server ---------------------------------------------------------
