@@ -74,6 +74,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from paletta_server.engines.common import free_device_memory  # noqa: E402
 from tests.bench import on_device  # noqa: E402
 
 KEYS = ("flux-schnell", "flux-kontext", "flux-fill")
@@ -287,9 +288,7 @@ def build_full_component(name: str, dest: Path, fill: bool = False,
     finally:
         torch.set_default_dtype(previous)
     del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_device_memory()
     return {"params": params, "construct_s": built, "total_s": time.perf_counter() - start}
 
 
@@ -457,16 +456,12 @@ def release_device_memory() -> None:
     """What a stopped server leaves on the GPU, freed for the next stage (under the memory stage's cap
     every byte counts): compiled code holding its modules, cuBLAS workspaces of the dead device
     thread, cached allocator blocks."""
-    gc.collect()
-    cuda = _cuda()
-    if cuda is None:
-        return
-    import torch
+    if _cuda() is not None:
+        import torch
 
-    torch._dynamo.reset()
-    gc.collect()
-    torch._C._cuda_clearCublasWorkspaces()
-    cuda.empty_cache()
+        torch._dynamo.reset()
+        torch._C._cuda_clearCublasWorkspaces()
+    free_device_memory()
 
 
 def device_memory() -> dict[str, int]:
@@ -1010,13 +1005,7 @@ def uncapped(cap: int, build, *args):  # noqa: ANN001, ANN201
         try:
             return await asyncio.to_thread(build, *args)
         finally:
-            import gc
-
-            gc.collect()
-            if _cuda() is not None:
-                import torch
-
-                torch.cuda.empty_cache()
+            free_device_memory()
             apply_memory_cap(cap)
 
     return body
