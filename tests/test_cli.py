@@ -134,7 +134,7 @@ def test_generate_sends_every_field_and_streams_json_events(live, sdk, photo, tm
     g = job.spec.generate
     assert (g.prompt, g.width, g.height, g.steps, g.seed, g.variants, g.guidance) == ("a knight", 64, 48, 2, 7, 2, 1.5)
     assert [(s.name, round(s.weight, 2), s.HasField("weight")) for s in g.styles] == [
-        ("tarot", 0.8, True), ("anime", 0.0, False)]
+        ("tarot", 0.8, True), ("anime", 1.0, True)]  # anime: sent unset, its default in the spec
     assert g.image_prompt.image.asset.startswith("assets/") and round(g.image_prompt.weight, 2) == 0.5
     assert job.priority == job_options_pb2.PRIORITY_LOW and job.request_id == "cli-gen-1"
 

@@ -84,6 +84,7 @@ async def test_job_spec_is_the_prepared_request_without_options_and_reruns_the_j
     assert got.spec.WhichOneof("spec") == got.capability == "generate"
     spec = got.spec.generate
     assert not spec.HasField("options") and spec.HasField("seed") and spec.variants == 1
+    assert spec.HasField("guidance") and spec.guidance == 0.0  # every default is in the spec, unset ones too
     assert got.request_id == "spec-1" and got.priority == job_options_pb2.PRIORITY_LOW
     # Re-running from the spec gives the same image.
     again = (await collect(stub.Generate(spec)))[-1].finished.job
@@ -114,6 +115,12 @@ async def test_inline_images_are_stored_as_assets_in_the_spec(server):
         job.outputs[1].asset.width * 2, job.outputs[1].asset.height * 2)
     # chained inputs stay unset in the stored spec: they were the previous step's output
     assert job.spec.pipeline.steps[1].control.control_image.WhichOneof("source") is None
+    # each step's defaults are filled in: what ran, not what was left out
+    outpaint, control = job.spec.pipeline.steps[0].outpaint, job.spec.pipeline.steps[1].control
+    assert (outpaint.HasField("guidance"), outpaint.guidance, outpaint.variants) == (True, 30.0, 1)
+    assert (control.guidance, round(control.control_scale, 2)) == (3.5, 0.7)
+    assert not control.HasField("width")  # unset: the size of the image chained in at run time
+    assert (job.outputs[1].asset.width, job.outputs[1].asset.height) == (64, 32)
 
 
 async def test_a_pipeline_is_not_a_pipeline_step(server):
@@ -146,7 +153,7 @@ async def test_a_cancelled_job_keeps_its_status_with_error_info(server):
     paging._encode("approved", "2026-01-01T00:00:00", "a" * 32, 2**40),
     paging._encode("approved", "2026-01-01T00:00:00+05:00", "a" * 32, 1),
     paging._encode("approved", "not a time", "a" * 32, 1),
-    paging._encode("jobs", "2026-01-01T00:00:00", "a" * 32),
+    paging._encode("jobs", [[], ""], "2026-01-01T00:00:00", "a" * 32),
     paging._encode("approved", "2026-01-01T00:00:00", "'; drop table jobs; --", 1),
 ])
 async def test_crafted_page_tokens_are_invalid_argument(server, token):
@@ -162,6 +169,42 @@ async def test_job_list_token_is_refused_by_the_other_list(server):
         await jobs_stub(server).ListJobs(job_service_pb2.ListJobsRequest(
             page_token=paging._encode("approved", "2026-01-01T00:00:00", "a" * 32, 1)))
     assert list(field_violations(err.value)) == ["page_token"]
+
+
+@both_stores
+async def test_well_formed_tokens_this_server_did_not_make_are_invalid_argument(server):
+    """A token is checked against the list's filters and the store, not only its shape."""
+    stub = generate_service_pb2_grpc.GenerateServiceStub(server.channel)
+    jobs = jobs_stub(server)
+    for seed in range(2):
+        await collect(stub.Generate(generate_pb2.GenerateRequest(**{**GEN, "seed": seed, "variants": 2})))
+    listed = await jobs.ListJobs(job_service_pb2.ListJobsRequest(page_size=1, capability="generate"))
+    job = listed.jobs[0]
+    job_id, created = job.name.removeprefix("jobs/"), job.create_time.ToDatetime().isoformat()
+    real = await jobs.ListJobs(job_service_pb2.ListJobsRequest(
+        page_size=1, capability="generate", page_token=listed.next_page_token))
+    assert real.jobs[0].name != job.name  # the genuine token pages on
+    forged = {
+        "another filter": (job_service_pb2.ListJobsRequest(page_token=listed.next_page_token), None),
+        "a future time": (job_service_pb2.ListJobsRequest(page_token=paging._encode(
+            "jobs", [[], ""], "9999-12-31T23:59:59.999999", job_id)), None),
+        "an unknown job": (job_service_pb2.ListJobsRequest(page_token=paging._encode(
+            "jobs", [[], ""], created, "0" * 32)), None),
+        "states it was not made for": (job_service_pb2.ListJobsRequest(
+            states=[job_pb2.JOB_STATE_SUCCEEDED], capability="generate", page_token=listed.next_page_token), None),
+        "an output the job lacks": (None, job_service_pb2.ListApprovedOutputsRequest(page_token=paging._encode(
+            "approved", created, job_id, 99))),
+        "a date for a time": (None, job_service_pb2.ListApprovedOutputsRequest(page_token=paging._encode(
+            "approved", created[:10], job_id, 0))),
+    }
+    for what, (list_jobs, list_approved) in forged.items():
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await (jobs.ListJobs(list_jobs) if list_jobs else jobs.ListApprovedOutputs(list_approved))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+        assert list(field_violations(err.value)) == ["page_token"], what
+    approved = await jobs.ListApprovedOutputs(job_service_pb2.ListApprovedOutputsRequest(
+        page_token=paging._encode("approved", created, job_id, 1)))
+    assert approved.outputs == []  # a key this server would make pages on (nothing approved here)
 
 
 @both_stores

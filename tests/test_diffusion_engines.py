@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from pathlib import Path
 
@@ -334,6 +335,32 @@ def test_model_cpu_offload_changes_no_pixel(models, key):
         assert (pixels(run_family(key, pipe, sink)) == whole).all()
         assert sink.steps == whole_sink.steps
         assert [pixels(p).tolist() for p in sink.previews] == [pixels(p).tolist() for p in whole_sink.previews]
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ('[[styles]]\nlabel = "no name"\npath = "a.safetensors"\n', "style entry 1 needs a name"),
+    ('[heavy]\ndefault_weight = 5.0\npath = "a.safetensors"\n', "default_weight must be a number in [0, 2]"),
+    ('[heavy]\ndefault_weight = "1"\npath = "a.safetensors"\n', "default_weight must be a number in [0, 2]"),
+    ('[pk]\npath = "a.bin"\n', "must be a .safetensors file"),
+    ('[nowhere]\nweight_name = "a.safetensors"\n', "needs a path, or a repo and a weight_name"),
+])
+def test_a_styles_file_with_a_bad_entry_is_refused_at_start_naming_it(tmp_path, toml, message):
+    (tmp_path / "styles.toml").write_text(toml)
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        StyleRegistry(tmp_path)
+    assert str(tmp_path / "styles.toml") in str(err.value)
+    (tmp_path / "styles.toml").write_text('[ok]\ndefault_weight = 2\npath = "a.safetensors"\n')
+    assert StyleRegistry(tmp_path).get("ok").default_weight == 2.0
+
+
+def test_a_style_file_that_is_not_safetensors_inside_is_model_unavailable_naming_the_style(tmp_path):
+    import pickle
+
+    (tmp_path / "fake.safetensors").write_bytes(pickle.dumps({"lora": [1, 2, 3]}))
+    (tmp_path / "styles.toml").write_text('[fake]\npath = "fake.safetensors"\n')
+    with pytest.raises(ModelUnavailable, match="not a valid safetensors file") as err:
+        StyleRegistry(tmp_path).file("fake")
+    assert err.value.metadata == {"style": "fake"}
 
 
 def test_instantx_ip_adapter_is_refused_with_an_explanation(models, tmp_path):

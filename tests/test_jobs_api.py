@@ -167,20 +167,25 @@ async def test_approve_outputs_and_list_them(server):
     assert not (await jobs.ListApprovedOutputs(job_service_pb2.ListApprovedOutputsRequest())).outputs
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await jobs.ApproveOutput(job_service_pb2.ApproveOutputRequest(name=name, index=7, approved=True))
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "index" in field_violations(err.value)
 
 
 async def test_unknown_and_malformed_job_names(server):
     jobs = job_service_pb2_grpc.JobServiceStub(server.channel)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await jobs.GetJob(job_service_pb2.GetJobRequest(name="jobs/" + "f" * 32))
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "name" in field_violations(err.value)
+    for unknown in (jobs.CancelJob(job_service_pb2.CancelJobRequest(name="jobs/" + "f" * 32)),
+                    jobs.ApproveOutput(job_service_pb2.ApproveOutputRequest(name="jobs/" + "f" * 32))):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await unknown
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "name" in field_violations(err.value)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await jobs.GetJob(job_service_pb2.GetJobRequest(name="jobs/../x"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "name" in field_violations(err.value)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(jobs.WatchJob(job_service_pb2.WatchJobRequest(name="jobs/" + "e" * 32)))
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "name" in field_violations(err.value)
 
 
 async def test_full_queue_answers_resource_exhausted_with_retry_info(server_factory):

@@ -12,7 +12,7 @@ from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta.v1 import job_pb2, style_service_pb2, style_service_pb2_grpc
 from paletta.v1 import system_service_pb2 as sys_pb
 from paletta.v1 import system_service_pb2_grpc as sys_grpc
-from tests.helpers import collect, error_reason
+from tests.helpers import collect, error_reason, field_violations
 
 QUICK = dict(prompt="q", width=64, height=64, steps=1, seed=1)
 
@@ -50,8 +50,8 @@ async def test_list_and_unload_models(server):
     assert list(reply.unloaded) == ["flux-schnell"] and reply.freed_bytes > 0
     assert not (await system.GetStatus(sys_pb.GetStatusRequest())).loaded_models
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await system.UnloadModels(sys_pb.UnloadModelsRequest(keys=["no-such-model"]))
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        await system.UnloadModels(sys_pb.UnloadModelsRequest(keys=["flux-schnell", "no-such-model"]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "keys[1]" in field_violations(err.value)
 
 
 async def test_styles_listed(server):
@@ -89,8 +89,13 @@ async def test_bearer_token(server_factory):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(gen_grpc.GenerateServiceStub(handle.channel).Generate(gen.GenerateRequest(**QUICK)))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    ok = await system.GetStatus(sys_pb.GetStatusRequest(), metadata=[("authorization", "Bearer s3cret")])
-    assert ok.profile == "tiny"
+    for wrong in ("s3cret", "Basic s3cret", "Bearer S3CRET", "Bearer s3cret-and-more"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await system.GetStatus(sys_pb.GetStatusRequest(), metadata=[("authorization", wrong)])
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, wrong
+    for right in ("Bearer s3cret", "bearer s3cret", "BEARER  s3cret"):  # the scheme is case-insensitive
+        ok = await system.GetStatus(sys_pb.GetStatusRequest(), metadata=[("authorization", right)])
+        assert ok.profile == "tiny"
     health = await health_pb2_grpc.HealthStub(handle.channel).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 

@@ -232,14 +232,15 @@ def test_detr_boxes_are_in_original_pixels(models):
     assert detect.detect(models["detr-resnet-50"], photo(), threshold=1.0) == []
 
 
-@pytest.mark.parametrize("width, height", [(160, 90), (90, 160), (120, 120)])
+@pytest.mark.parametrize("width, height", [(160, 90), (90, 160), (120, 120), (162, 102)])
 def test_owlv2_boxes_use_the_padded_square_and_stay_in_the_image(models, width, height):
     from paletta_server.engines import detect
 
     boxes = detect.ground(models["owlv2"], photo(width, height), ["a dragon", "a cat"], threshold=0.0)
     # The tiny OWLv2 (heads near zero) predicts each 16-px patch's prior box of the 64-px padded
     # square: side/4 wide, centred on the patch's far corner. In original pixels that is a grid over
-    # the padded square side = max(w, h); boxes wholly in the padding are dropped, others clipped.
+    # the padded square side = max(w, h); boxes with less than a pixel of width or height in the
+    # image are dropped (at 162x102 a row keeps 0.75 px), others clipped.
     side = max(width, height)
     cell = side / 4
     expected = []
@@ -247,7 +248,7 @@ def test_owlv2_boxes_use_the_padded_square_and_stay_in_the_image(models, width, 
         for j in range(4):
             x0, y0 = (i + 0.5) * cell, (j + 0.5) * cell
             x1, y1 = min(x0 + cell, width), min(y0 + cell, height)
-            if x0 < width and y0 < height:
+            if x1 - x0 >= 1 and y1 - y0 >= 1:
                 expected.append((x0, y0, x1, y1))
     assert len(boxes) == len(expected)
     for b in boxes:

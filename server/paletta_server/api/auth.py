@@ -15,7 +15,7 @@ _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self._deny = refusal_handler(Unauthenticated("missing or wrong bearer token"))
 
     async def intercept_service(
@@ -27,7 +27,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                if hmac.compare_digest(given, self._expected):
+                text = value.decode(errors="replace") if isinstance(value, bytes) else value
+                scheme, _, given = text.strip().partition(" ")
+                # RFC 9110: the scheme is case-insensitive ("bearer" works too), the token is not
+                if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._expected):
                     return await continuation(details)
         return self._deny

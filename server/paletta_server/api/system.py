@@ -9,7 +9,7 @@ import grpc
 from paletta.v1 import style_service_pb2, style_service_pb2_grpc, system_service_pb2, system_service_pb2_grpc
 from paletta_server import __version__
 from paletta_server.app import PalettaApp
-from paletta_server.errors import NotFound, invalid
+from paletta_server.errors import FieldViolation, NotFound, invalid
 from paletta_server.models.device import describe, gpu_stats
 from paletta_server.models.registry import env_var
 
@@ -70,7 +70,8 @@ class SystemServicer(system_service_pb2_grpc.SystemServiceServicer):
                            ) -> system_service_pb2.UnloadModelsResponse:
         for i, key in enumerate(request.keys):
             if key not in self.app.registry.specs:
-                raise NotFound(f"keys[{i}]: unknown model {key!r}", reason="MODEL_NOT_FOUND")
+                raise NotFound(f"keys[{i}]: unknown model {key!r}", reason="MODEL_NOT_FOUND",
+                               violations=[FieldViolation(f"keys[{i}]", f"unknown model {key!r}")])
         unloaded, freed = await asyncio.to_thread(self.app.residency.unload, list(request.keys) or None)
         return system_service_pb2.UnloadModelsResponse(unloaded=unloaded, freed_bytes=freed)
 

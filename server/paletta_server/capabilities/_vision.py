@@ -31,10 +31,7 @@ def prepare_image(v: common.Violations, ctx: PrepareContext, ref: image_pb2.Imag
 def check_threshold(v: common.Violations, request: Any, default: float,
                     field_name: str = "threshold") -> None:
     """Fill an unset optional threshold with its default; refuse values outside [0, 1]."""
-    if not request.HasField(field_name):
-        setattr(request, field_name, default)
-    else:
-        common.check_range(v, getattr(request, field_name), 0.0, 1.0, field_name)
+    common.default_range(v, request, field_name, default, 0.0, 1.0)
 
 
 def check_tokens(v: common.Violations, value: int, default: int, field_name: str = "max_tokens") -> int:

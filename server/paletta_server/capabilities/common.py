@@ -47,6 +47,20 @@ def check_range(v: Violations, value: float, lo: float, hi: float, field_name: s
         v.add(field_name, f"must be in [{lo:g}, {hi:g}], got {value:g}")
 
 
+def fill(request: Any, **defaults: Any) -> None:
+    """Set each unset optional field to its default, so the job's stored spec says what ran."""
+    for name, value in defaults.items():
+        if not request.HasField(name):
+            setattr(request, name, value)
+
+
+def default_range(v: Violations, request: Any, name: str, default: float, lo: float, hi: float) -> None:
+    """An optional number: checked against [lo, hi] when given, else set to its default."""
+    if request.HasField(name):
+        check_range(v, getattr(request, name), lo, hi, name)
+    fill(request, **{name: default})
+
+
 def check_size(v: Violations, value: int, max_edge: int, field_name: str) -> None:
     if value <= 0:
         v.add(field_name, f"must be positive, got {value}")
@@ -135,14 +149,20 @@ def check_styles(v: Violations, ctx: PrepareContext, styles: Any, allowed: bool,
             v.add(f"styles[{i}].name", f"unknown style {style.name!r}; see StyleService.ListStyles")
         if style.HasField("weight"):
             check_range(v, style.weight, 0.0, 2.0, f"styles[{i}].weight")
+        elif ctx.styles.has(style.name):
+            style.weight = ctx.styles.get(style.name).default_weight
 
 
 def check_image_prompt(v: Violations, ctx: PrepareContext, request: Any) -> None:
     if not request.HasField("image_prompt"):
         return
+    from paletta_server.engines.ip_adapter import DEFAULT_WEIGHT
+
     ip = request.image_prompt
     if ip.HasField("weight"):
         check_range(v, ip.weight, 0.0, 2.0, "image_prompt.weight")
+    else:
+        ip.weight = DEFAULT_WEIGHT
     if ip.image.WhichOneof("source") is None:
         v.add("image_prompt.image", "an image is required")
         return
@@ -167,8 +187,8 @@ def style_loras(ctx: Any, selections: Any) -> list[Any]:
     loras = []
     for selection in selections:
         spec = ctx.styles.get(selection.name)
-        weight = float(selection.weight) if selection.HasField("weight") else float(spec.default_weight)
-        loras.append(LoraFile(selection.name, ctx.styles.file(selection.name, tiny_dir), weight, spec.trigger_word,
+        loras.append(LoraFile(selection.name, ctx.styles.file(selection.name, tiny_dir), selection.weight,
+                              spec.trigger_word,
                               f"tiny:{selection.name}" if tiny_dir else spec.source))
     return loras
 
@@ -193,8 +213,8 @@ def diffusion_extras(pipe: Any, request: Any, ctx: Any) -> Iterator[tuple[str, d
             from paletta_server.engines import ip_adapter
 
             ip = request.image_prompt
-            weight = float(ip.weight) if ip.HasField("weight") else ip_adapter.DEFAULT_WEIGHT
             extra.update(stack.enter_context(ip_adapter.applied_image_prompt(
-                pipe, ctx.model("ip-adapter"), ctx.model("clip-vit-large"), ctx.open_image(ip.image.asset), weight)))
-            applied["image_prompt"] = {"image": ip.image.asset, "weight": round(weight, 4), "model": "ip-adapter"}
+                pipe, ctx.model("ip-adapter"), ctx.model("clip-vit-large"), ctx.open_image(ip.image.asset),
+                ip.weight)))
+            applied["image_prompt"] = {"image": ip.image.asset, "weight": round(ip.weight, 4), "model": "ip-adapter"}
         yield prompt, extra, applied

@@ -19,13 +19,12 @@ VALID_PREPROCESS = (pb.PREPROCESS_UNSPECIFIED, pb.PREPROCESS_NONE, pb.PREPROCESS
 
 def prepare(request: pb.ControlRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
-    image = diffusion_io.input_image(v, ctx, request.control_image, "control_image")
+    diffusion_io.input_image(v, ctx, request.control_image, "control_image")
     common.check_prompt(v, request.prompt)
     if request.control_type not in VALID_TYPES:
         v.add("control_type", "must be CONTROL_TYPE_CANNY, CONTROL_TYPE_DEPTH or CONTROL_TYPE_POSE"
                               f" (got {request.control_type})")
-    if request.HasField("control_scale"):
-        common.check_range(v, request.control_scale, 0.0, 1.0, "control_scale")
+    common.default_range(v, request, "control_scale", DEFAULT_SCALE, 0.0, 1.0)
     if request.preprocess not in VALID_PREPROCESS:
         v.add("preprocess", f"unknown preprocess {request.preprocess}")
     elif request.preprocess == pb.PREPROCESS_CANNY and request.control_type != pb.CONTROL_TYPE_CANNY:
@@ -33,15 +32,10 @@ def prepare(request: pb.ControlRequest, ctx: PrepareContext) -> Any:
     for name in ("width", "height"):
         if request.HasField(name):  # unset: the control image's size; an explicit 0 is refused
             common.check_size(v, getattr(request, name), ctx.profile.max_generate_edge, name)
-    diffusion_io.check_common(v, request, DEFAULT_STEPS, (0.0, 20.0))
+    diffusion_io.check_common(v, request, DEFAULT_STEPS, DEFAULT_GUIDANCE, (0.0, 20.0))
     common.check_styles(v, ctx, request.styles, allowed=False, mode="ControlNet")
     common.check_image_prompt(v, ctx, request)
     v.raise_if_any()
-    if image is not None:
-        if not request.HasField("width"):
-            request.width = image.width
-        if not request.HasField("height"):
-            request.height = image.height
     common.resolve_seed(request)
     return request
 
@@ -57,15 +51,16 @@ def run(request: pb.ControlRequest, ctx: RunContext) -> None:
     from paletta_server.engines import control
 
     pipe = ctx.model(MODEL)
-    size = (request.width, request.height)
-    infer = diffusion_io.inference_size(*size, ctx.profile.max_inference_edge)
     source = ctx.open_image(request.control_image.asset).convert("RGB")
+    # Unset: the control image's size (left unset in the spec: in a pipeline that image is chained).
+    size = (request.width if request.HasField("width") else source.width,
+            request.height if request.HasField("height") else source.height)
+    infer = diffusion_io.inference_size(*size, ctx.profile.max_inference_edge)
     if request.preprocess == pb.PREPROCESS_CANNY:
         # Edges are found at the resolution the user uploaded, then scaled with the map.
         source = control.canny_map(source)
     control_image = diffusion_io.fit(source, infer)
-    scale = request.control_scale if request.HasField("control_scale") else DEFAULT_SCALE
-    guidance = request.guidance if request.HasField("guidance") else DEFAULT_GUIDANCE
+    scale, guidance = request.control_scale, request.guidance
     with common.diffusion_extras(pipe, request, ctx) as (prompt, extra, applied):
         for i in range(request.variants):
             seed = request.seed + i

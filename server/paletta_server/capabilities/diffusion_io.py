@@ -116,10 +116,10 @@ def input_image(v: common.Violations, ctx: Any, ref: image_pb2.ImageRef, field_n
     return ctx.assets.get(ref.asset, f"{field_name}.asset")
 
 
-def check_common(v: common.Violations, request: Any, default_steps: int, guidance_range: tuple[float, float]) -> None:
+def check_common(v: common.Violations, request: Any, default_steps: int, default_guidance: float,
+                 guidance_range: tuple[float, float]) -> None:
     """steps / variants / guidance / upscaler, shared by every diffusion request."""
     common.default_steps(v, request, default_steps)
     common.default_variants(v, request)
-    if request.HasField("guidance"):
-        common.check_range(v, request.guidance, guidance_range[0], guidance_range[1], "guidance")
+    common.default_range(v, request, "guidance", default_guidance, *guidance_range)
     check_upscaler(v, request)

@@ -22,7 +22,7 @@ def prepare(request: edit_pb2.EditRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     diffusion_io.input_image(v, ctx, request.image, "image")
     common.check_prompt(v, request.prompt)
-    diffusion_io.check_common(v, request, default_steps(ctx.profile), (0.0, 20.0))
+    diffusion_io.check_common(v, request, default_steps(ctx.profile), DEFAULT_GUIDANCE, (0.0, 20.0))
     common.check_styles(v, ctx, request.styles, allowed=True, mode="edit")
     common.check_image_prompt(v, ctx, request)
     v.raise_if_any()
@@ -49,7 +49,7 @@ def run(request: edit_pb2.EditRequest, ctx: RunContext) -> None:
     original = ctx.open_image(request.image.asset).convert("RGB")
     infer = diffusion_io.inference_size(*original.size, ctx.profile.max_inference_edge)
     image = diffusion_io.fit(original, infer)
-    guidance = request.guidance if request.HasField("guidance") else DEFAULT_GUIDANCE
+    guidance = request.guidance
     with common.diffusion_extras(pipe, request, ctx) as (prompt, extra, applied):
         for i in range(request.variants):
             seed = request.seed + i

@@ -20,8 +20,7 @@ def prepare(request: generate_pb2.GenerateRequest, ctx: PrepareContext) -> Any:
     common.default_size(v, request, DEFAULT_EDGE, ctx.profile.max_generate_edge)
     common.default_steps(v, request, DEFAULT_STEPS)
     common.default_variants(v, request)
-    if request.HasField("guidance"):
-        common.check_range(v, request.guidance, 0.0, 20.0, "guidance")
+    common.default_range(v, request, "guidance", 0.0, 0.0, 20.0)  # schnell is guidance-distilled
     common.check_styles(v, ctx, request.styles, allowed=True, mode="generate")
     common.check_image_prompt(v, ctx, request)
     v.raise_if_any()
@@ -43,7 +42,7 @@ def run(request: generate_pb2.GenerateRequest, ctx: RunContext) -> None:
     acceleration = common.acceleration_lora(ctx)
     pipe = ctx.model(MODEL)
     style_engine.ensure_acceleration(pipe, acceleration)
-    guidance = request.guidance if request.HasField("guidance") else 0.0
+    guidance = request.guidance
     with common.diffusion_extras(pipe, request, ctx) as (prompt, extra, applied):
         for i in range(request.variants):
             seed = request.seed + i

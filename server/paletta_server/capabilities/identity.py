@@ -46,23 +46,22 @@ def prepare(request: pb.IdentityServiceGenerateRequest, ctx: PrepareContext) -> 
     common.default_size(v, request, DEFAULT_EDGE, ctx.profile.max_generate_edge)
     common.default_steps(v, request, default_steps(ctx.profile))
     common.default_variants(v, request)
-    if request.HasField("guidance"):
-        common.check_range(v, request.guidance, 0.0, 20.0, "guidance")
-    if request.HasField("id_strength"):
-        common.check_range(v, request.id_strength, 0.0, 2.0, "id_strength")
+    common.default_range(v, request, "guidance", DEFAULT_GUIDANCE, 0.0, 20.0)
+    common.default_range(v, request, "id_strength", DEFAULT_STRENGTH, 0.0, 2.0)
     if request.HasField("start_step") and 1 <= request.steps <= 100:
         common.check_range(v, request.start_step, 0, request.steps - 1, "start_step")
     if request.HasField("face_index") and request.face_index < 0:
         v.add("face_index", f"must be >= 0 (0 is the largest face), got {request.face_index}")
-    if request.HasField("true_cfg"):
-        common.check_range(v, request.true_cfg, 1.0, 10.0, "true_cfg")
+    given_true_cfg = request.HasField("true_cfg")
+    common.default_range(v, request, "true_cfg", 1.0, 1.0, 10.0)
     if request.HasField("negative_prompt"):
-        if not (request.HasField("true_cfg") and request.true_cfg > 1.0):
+        if not (given_true_cfg and request.true_cfg > 1.0):
             v.add("negative_prompt", "is only used with true CFG: set true_cfg > 1 or leave it unset")
         else:
             common.check_prompt(v, request.negative_prompt, "negative_prompt", required=False)
     common.check_styles(v, ctx, request.styles, allowed=True, mode="identity")
     v.raise_if_any()
+    common.fill(request, start_step=0, face_index=0)
     common.resolve_seed(request)
     return request
 
@@ -77,7 +76,7 @@ def _chosen_face(faces: list[Any], request: pb.IdentityServiceGenerateRequest) -
         raise FailedPrecondition(
             "no face was found in the face image; use a photo where one face is clearly visible",
             reason="NO_FACE", violations=[FieldViolation("face", "no face found")])
-    index = request.face_index if request.HasField("face_index") else 0
+    index = request.face_index
     if index >= len(faces):
         raise InvalidArgument(FieldViolation(
             "face_index", f"must be in [0, {len(faces) - 1}]: {len(faces)} face(s) found, got {index}"))
@@ -102,10 +101,8 @@ def run(request: pb.IdentityServiceGenerateRequest, ctx: RunContext) -> None:
     acceleration = common.acceleration_lora(ctx)  # first: in the pipeline's memory plan
     pipe = ctx.model(MODEL)
     style_engine.ensure_acceleration(pipe, acceleration)
-    strength = request.id_strength if request.HasField("id_strength") else DEFAULT_STRENGTH
-    start_step = request.start_step if request.HasField("start_step") else 0
-    guidance = request.guidance if request.HasField("guidance") else DEFAULT_GUIDANCE
-    true_cfg = request.true_cfg if request.HasField("true_cfg") else 1.0
+    strength, start_step, guidance, true_cfg = (
+        request.id_strength, request.start_step, request.guidance, request.true_cfg)
     negative = request.negative_prompt if request.HasField("negative_prompt") else pulid.DEFAULT_NEGATIVE_PROMPT
     result = result_pb2.FaceIdentity(
         box=result_pb2.Box(x_min=face.box[0], y_min=face.box[1], x_max=face.box[2], y_max=face.box[3]),

@@ -37,7 +37,7 @@ def prepare_inpaint(request: inpaint_pb2.InpaintRequest, ctx: PrepareContext) ->
     mask = diffusion_io.input_image(v, ctx, request.mask, "mask")
     common.check_prompt(v, request.prompt)
     _check_feather(v, request)
-    diffusion_io.check_common(v, request, DEFAULT_STEPS, (0.0, 100.0))
+    diffusion_io.check_common(v, request, DEFAULT_STEPS, DEFAULT_GUIDANCE, (0.0, 100.0))
     common.check_styles(v, ctx, request.styles, allowed=False, mode="inpaint (FLUX Fill)")
     if image is not None and mask is not None and diffusion_io.is_empty(
             diffusion_io.mask_from(ctx.assets.open_image(request.mask.asset, "mask"))):
@@ -57,7 +57,7 @@ def prepare_outpaint(request: inpaint_pb2.OutpaintRequest, ctx: PrepareContext) 
         for side in SIDES:
             v.add(side, "at least one of left, right, top, bottom must be positive (0 px everywhere)")
     _check_feather(v, request)
-    diffusion_io.check_common(v, request, DEFAULT_STEPS, (0.0, 100.0))
+    diffusion_io.check_common(v, request, DEFAULT_STEPS, DEFAULT_GUIDANCE, (0.0, 100.0))
     common.check_styles(v, ctx, request.styles, allowed=False, mode="outpaint (FLUX Fill)")
     if image is not None:
         width = image.width + max(request.left, 0) + max(request.right, 0)
@@ -93,7 +93,7 @@ def _fill(request: Any, ctx: RunContext, original: Image.Image, mask: Image.Imag
     infer = diffusion_io.inference_size(*original.size, ctx.profile.max_inference_edge)
     image = diffusion_io.fit(original, infer)
     small_mask = diffusion_io.fit(soft, infer)
-    guidance = request.guidance if request.HasField("guidance") else DEFAULT_GUIDANCE
+    guidance = request.guidance
     for i in range(request.variants):
         seed = request.seed + i
         out = flux_edit.fill(pipe, ctx, image=image, mask=small_mask, prompt=request.prompt, steps=request.steps,

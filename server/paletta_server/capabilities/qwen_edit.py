@@ -19,7 +19,7 @@ def prepare(request: qwen_edit_pb2.QwenEditServiceEditRequest, ctx: PrepareConte
     diffusion_io.input_image(v, ctx, request.image, "image")
     common.check_prompt(v, request.prompt)
     common.check_prompt(v, request.negative_prompt, "negative_prompt", required=False)
-    diffusion_io.check_common(v, request, DEFAULT_STEPS, (1.0, 20.0))
+    diffusion_io.check_common(v, request, DEFAULT_STEPS, DEFAULT_GUIDANCE, (1.0, 20.0))
     common.check_styles(v, ctx, request.styles, allowed=False, mode="Qwen-Image-Edit")
     v.raise_if_any()
     common.resolve_seed(request)
@@ -37,7 +37,7 @@ def run(request: qwen_edit_pb2.QwenEditServiceEditRequest, ctx: RunContext) -> N
     original = ctx.open_image(request.image.asset).convert("RGB")
     infer = diffusion_io.inference_size(*original.size, ctx.profile.max_inference_edge)
     image = diffusion_io.fit(original, infer)
-    guidance = request.guidance if request.HasField("guidance") else DEFAULT_GUIDANCE
+    guidance = request.guidance
     for i in range(request.variants):
         seed = request.seed + i
         out = qwen.edit(pipe, ctx, image=image, prompt=request.prompt, negative_prompt=request.negative_prompt,

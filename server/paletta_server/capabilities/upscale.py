@@ -24,10 +24,7 @@ def prepare(request: upscale_pb2.UpscaleRequest, ctx: PrepareContext) -> Any:
         request.upscaler = image_pb2.UPSCALER_REALESRGAN
     elif request.upscaler not in UPSCALERS:
         v.add("upscaler", f"unknown upscaler {request.upscaler}; use UPSCALER_LANCZOS or UPSCALER_REALESRGAN")
-    if not request.HasField("scale"):
-        request.scale = DEFAULT_SCALE
-    else:
-        common.check_range(v, request.scale, 1.0, 4.0, "scale")
+    common.default_range(v, request, "scale", DEFAULT_SCALE, 1.0, 4.0)
     if request.tile == 0:
         request.tile = DEFAULT_TILE
     else:

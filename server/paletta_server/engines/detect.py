@@ -2,7 +2,8 @@
 
 Boxes come back in the original image's pixel coordinates, clipped to it, sorted by score.
 OWLv2 pads the image to a square before resizing, so its boxes are relative to that square:
-they are scaled with ``target_sizes = (max(h, w),) * 2`` and then clipped to the real image.
+they are scaled with ``target_sizes = (max(h, w),) * 2`` and then clipped to the real image;
+what keeps less than a pixel of width or height inside it is dropped.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def _boxes(result: dict, labels: list[str], width: int, height: int) -> list[Box
         x0, y0, x1, y1 = box
         x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
         y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
-        if x1 <= x0 or y1 <= y0:
-            continue  # wholly outside the image (e.g. in OWLv2's padding)
+        if x1 - x0 < 1.0 or y1 - y0 < 1.0:
+            continue  # (nearly) wholly outside the image, e.g. in OWLv2's padding: not a pixel of it left
         out.append(Box(labels[int(label)], float(score), x0, y0, x1, y1))
     out.sort(key=lambda b: b.score, reverse=True)
     return out

@@ -42,11 +42,20 @@ class LoraFile:
 
 
 # -- sources --------------------------------------------------------------------------------------
-def safetensors_only(path: Path, what: str) -> Path:
+def safetensors_only(path: Path, what: str, metadata: dict[str, str]) -> Path:
+    """``path`` if it is a readable safetensors file (its header is parsed; no tensor is read)."""
     if path.suffix != ".safetensors":
         raise ModelUnavailable(
             f"{what}: {path.name} is not a .safetensors file; only safetensors LoRAs are loaded",
-            metadata={"model": what})
+            metadata=metadata)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # a pickle renamed, a truncated download: the file, not the job, is at fault
+        raise ModelUnavailable(f"{what}: {path} is not a valid safetensors file ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})", metadata=metadata) from exc
     return path
 
 
@@ -62,11 +71,11 @@ def load_lora_source(source: ModelSource, lc: LoadContext) -> Path:
             path = path / source.filename
         if not path.exists():
             raise ModelUnavailable(f"{source.key}: {path} does not exist", metadata={"model": source.key})
-        return safetensors_only(path, source.key)
+        return safetensors_only(path, source.key, {"model": source.key})
     from huggingface_hub import hf_hub_download
 
     return safetensors_only(Path(hf_hub_download(source.repo, source.filename, revision=source.revision or None)),
-                             source.key)
+                            source.key, {"model": source.key})
 
 
 # -- adapters on a pipeline -----------------------------------------------------------------------

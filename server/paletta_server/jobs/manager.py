@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from google.protobuf.message import Message
 from google.rpc import status_pb2
@@ -40,6 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from paletta.v1 import image_pb2, job_pb2
 from paletta_server.errors import (
     FailedPrecondition,
+    FieldViolation,
     Interrupted,
     JobCancelled,
     NotFound,
@@ -288,7 +289,7 @@ class JobManager:
         active = await self._follow(job_id) if self.shared else self._active.get(job_id)
         if active is None:
             if await asyncio.to_thread(self.store.get, job_id) is None:
-                raise NotFound(f"job {job_name(job_id)} does not exist", reason="JOB_NOT_FOUND")
+                raise job_not_found(job_id)
             for data in await asyncio.to_thread(self.store.events_after, job_id, after_seq):
                 yield _parse(data)
             return
@@ -441,7 +442,7 @@ class JobManager:
     def get_row(self, job_id: str) -> st.JobRow:
         row = self.store.get(job_id)
         if row is None:
-            raise NotFound(f"job {job_name(job_id)} does not exist", reason="JOB_NOT_FOUND")
+            raise job_not_found(job_id)
         return row
 
     def job(self, job_id: str) -> job_pb2.Job:
@@ -450,11 +451,20 @@ class JobManager:
     def list_jobs(self, states: list[str], capability: str, page_size: int, page_token: str
                   ) -> tuple[list[job_pb2.Job], str]:
         # Keyset paging (after the last job of the previous page): new jobs never shift a page.
-        after = paging.decode_job_key(page_token) if page_token else None
+        after = paging.decode_job_key(page_token, states, capability) if page_token else None
+        if after is not None:
+            self._check_page_key(*after)
         rows = self.store.list(states, capability, after, page_size + 1)
         jobs = [job_message(r, self.store.outputs(r.id)) for r in rows[:page_size]]
         last = rows[page_size - 1] if len(rows) > page_size else None
-        return jobs, (paging.encode_job_key(last.created, last.id) if last else "")
+        return jobs, (paging.encode_job_key(last.created, last.id, states, capability) if last else "")
+
+    def _check_page_key(self, created: datetime, job_id: str, index: int | None = None) -> None:
+        """A page key names a job (and output) that exists, with its create time: else it is forged."""
+        row = self.store.get(job_id)
+        if row is None or row.created != created or (
+                index is not None and index >= len(self.store.outputs(job_id))):
+            raise paging.bad_token()
 
     def queue_length(self) -> int:
         return self.store.count(JobState.QUEUED) if self.shared else len(self.scheduler)
@@ -495,12 +505,15 @@ class JobManager:
             raise FailedPrecondition(f"job {job_name(job_id)} is {row.state}; only finished outputs can be approved",
                                      reason="JOB_NOT_SUCCEEDED")
         if not self.store.set_approved(job_id, index, approved):
-            raise NotFound(f"job {job_name(job_id)} has no output {index}", reason="OUTPUT_NOT_FOUND")
+            raise NotFound(f"job {job_name(job_id)} has no output {index}", reason="OUTPUT_NOT_FOUND",
+                           violations=[FieldViolation("index", f"job {job_name(job_id)} has no output {index}")])
         return self.job(job_id)
 
     def approved_outputs(self, page_size: int, page_token: str
                          ) -> tuple[list[tuple[st.JobRow, job_pb2.JobOutput]], str]:
         after = paging.decode_output_key(page_token) if page_token else None
+        if after is not None:
+            self._check_page_key(*after)
         rows = self.store.approved(after, page_size + 1)
         result = []
         for job_row, out_row in rows[:page_size]:
@@ -711,6 +724,12 @@ class JobManager:
         state = JobState(STATE_NAMES[event.finished.job.state]) if event is not None else None
         log.info("job %s %s in %.2f s%s", message.job_id, state.value.lower() if state else "not recorded (lease lost)",
                  message.seconds, f" ({error.message})" if error is not None and state == JobState.FAILED else "")
+
+
+def job_not_found(job_id: str) -> NotFound:
+    """NOT_FOUND for a job, with the request field that named it (``name`` in every job RPC)."""
+    text = f"job {job_name(job_id)} does not exist"
+    return NotFound(text, reason="JOB_NOT_FOUND", violations=[FieldViolation("name", text)])
 
 
 def _queue_full(max_queue: int) -> ResourceExhausted:

@@ -81,7 +81,7 @@ class StyleRegistry:
         if spec.path is not None:
             if not spec.path.exists():
                 raise ModelUnavailable(f"style {name!r}: {spec.path} does not exist", metadata={"style": name})
-            return safetensors_only(spec.path, f"style {name}")
+            return safetensors_only(spec.path, f"style {name}", {"style": name})
         from huggingface_hub import hf_hub_download
 
         try:
@@ -91,7 +91,7 @@ class StyleRegistry:
                 f"style {name!r} ({spec.repo}/{spec.weight_name}) is not available: {type(exc).__name__}: "
                 f"{str(exc)[:200]}; download it or give the style a local path in styles.toml",
                 metadata={"style": name}) from exc
-        return safetensors_only(Path(found), f"style {name}")
+        return safetensors_only(Path(found), f"style {name}", {"style": name})
 
 
 def _read_extra(path: Path, data_dir: Path) -> list[StyleSpec]:
@@ -101,14 +101,22 @@ def _read_extra(path: Path, data_dir: Path) -> list[StyleSpec]:
     if isinstance(entries, dict):
         entries = [{"name": k, **v} for k, v in entries.items()]
     specs = []
-    for entry in entries:
+    for i, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{path}: style entry {i + 1} needs a name")
         local = entry.get("path")
         file_name = local or entry.get("weight_name", "")
         if not str(file_name).endswith(".safetensors"):
-            raise ValueError(f"{path}: style {entry.get('name')!r} must be a .safetensors file")
+            raise ValueError(f"{path}: style {name!r} must be a .safetensors file")
+        if not local and not entry.get("repo"):
+            raise ValueError(f"{path}: style {name!r} needs a path, or a repo and a weight_name")
+        weight = entry.get("default_weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0.0 <= weight <= 2.0:
+            raise ValueError(f"{path}: style {name!r}: default_weight must be a number in [0, 2], got {weight!r}")
         specs.append(StyleSpec(
-            name=entry["name"], label=entry.get("label", entry["name"]), best_for=entry.get("best_for", ""),
-            trigger_word=entry.get("trigger_word", ""), default_weight=float(entry.get("default_weight", 1.0)),
+            name=name, label=entry.get("label", name), best_for=entry.get("best_for", ""),
+            trigger_word=entry.get("trigger_word", ""), default_weight=float(weight),
             repo=entry.get("repo", ""), weight_name=entry.get("weight_name", ""),
             path=(data_dir / local) if local else None,
         ))
