@@ -287,6 +287,23 @@ def test_pipeline_from_stdin_labels_progress_by_step(live, sdk, tmp_path):
     assert "coverage" in result.stdout
 
 
+def test_pipeline_steps_as_json_reach_every_capability_and_field(live, sdk, tmp_path):
+    steps = [{"generate": {"prompt": "a harbour", "width": 32, "height": 32, "steps": 1, "seed": "5"}},
+             {"outpaint": {"prompt": "sea", "right": 16, "steps": 1}},
+             {"control": {"prompt": "a tower", "controlType": "CONTROL_TYPE_CANNY", "preprocess": "PREPROCESS_CANNY",
+                          "steps": 1}},
+             {"detect": {"threshold": 0.0}}]
+    result = run(live, "pipeline", "-", "-o", str(tmp_path / "j.png"), input=json.dumps(steps))
+    assert result.exit_code == 0, result.stderr
+    job = sdk.list_jobs(capability="pipeline", limit=1)[0]
+    assert [s.WhichOneof("spec") for s in job.spec.pipeline.steps] == ["generate", "outpaint", "control", "detect"]
+    assert (job.spec.pipeline.steps[0].generate.seed, job.spec.pipeline.steps[1].outpaint.right) == (5, 16)
+    assert [json.loads(o.parameters)["step_capability"] for o in job.outputs][:3] == ["generate", "outpaint", "control"]
+    assert job.outputs[-1].WhichOneof("result") == "detections"
+    bad = run(live, "pipeline", "-", "-o", str(tmp_path / "b.png"), input='[{"outpaint": {"left": "wide"}}]')
+    assert bad.exit_code == 2 and "step 1" in bad.stderr
+
+
 # -- people and programs --------------------------------------------------------------------------
 
 
@@ -349,6 +366,10 @@ def test_listings_for_people_and_as_json(live, sdk, tmp_path):
     kinds = [e["event"] for e in events(watched)]
     assert kinds[-1] == "finished" and kinds.count("output") == 2 and int(events(watched)[0]["seq"]) == 2
     assert all(e["event"] in e for e in events(watched))  # {"event": "output", "output": {...}, "seq": …}
+    lines = run(live, "jobs", "watch", name).stdout.splitlines()  # for people: labelled like `generate`'s
+    assert lines[0] == "   1 queued position=0" and lines[-1].endswith(" finished succeeded"), lines
+    assert [line.split(" progress ")[1] for line in lines if " progress variant 2/2 · denoising" in line] == [
+        "variant 2/2 · denoising 1/1 steps"], lines
 
     status = run(live, "status", "--json")
     assert json.loads(status.stdout)["profile"] == "tiny"
@@ -392,6 +413,10 @@ def test_bad_usage_exits_2_before_anything_is_sent(live, sdk, photo, tmp_path):
                         (tmp_path / "o.gif", "unknown image suffix")]:
         result = run(live, "generate", "x", "-o", str(target))
         assert result.exit_code == 2 and why in result.stderr
+    contradiction = run(live, "caption", str(photo), "--deep", "--depth", "fast")
+    assert contradiction.exit_code == 2 and "--deep contradicts --depth fast" in contradiction.stderr
+    no_ca = run(live, "--tls-ca", str(tmp_path / "absent.pem"), "caption", str(photo))
+    assert no_ca.exit_code == 2 and "absent.pem: no such file" in no_ca.stderr
     assert len(sdk.list_jobs(limit=None)) == before
 
 
@@ -408,6 +433,7 @@ def test_failed_job_exits_1_and_names_the_bad_field(live, sdk, tmp_path):
     assert result.exit_code == 1
     assert "steps[2].inpaint.mask" in result.stderr
     assert result.stdout.splitlines()[-1].split()[1:3] == ["finished", "failed:"]
+    assert any(line.endswith(" progress step 2/3 segment") for line in result.stdout.splitlines()), result.stdout
 
 
 def test_unreachable_server_gives_one_line_hint(tmp_path):
@@ -458,6 +484,10 @@ def test_every_command_has_help_with_an_example():
         assert result.exit_code == 0 and re.search(r"Example:\n    .*paletta ", result.stdout), command
     generate = runner.invoke(cli.app, ["generate", "-h"]).stdout
     assert "1<=x<=100" in generate and "[default: (4)" in generate and "--token" in generate
+    # upscale's unset upscaler is Real-ESRGAN (upscale.proto); the diffusion modes restore with LANCZOS
+    upscale, edit = (" ".join(runner.invoke(cli.app, [c, "-h"]).stdout.split()) for c in ("upscale", "edit"))
+    assert "[default: (realesrgan)]" in upscale and "[default: (lanczos)]" not in upscale
+    assert "[default: (lanczos)]" in edit
 
 
 # -- global options before or after the command (issue 8) -----------------------------------------
@@ -477,7 +507,9 @@ def test_global_options_work_before_or_after_and_from_env(live, tmp_path, monkey
     assert runner.invoke(cli.app, ["--address", live.address, "status", "--token", "b"]).exit_code == 0
     env = {"PALETTA_ADDRESS": live.address, "PALETTA_TOKEN": "c"}
     assert runner.invoke(cli.app, ["jobs", "list"], env=env).exit_code == 0
-    assert seen == [(live.address, "a"), (live.address, "b"), (live.address, "c")]
+    between = runner.invoke(cli.app, ["jobs", "--address", live.address, "--token", "d", "--json", "list"])
+    assert between.exit_code == 0 and "jobs" in json.loads(between.stdout)  # between a group and its command
+    assert seen == [(live.address, "a"), (live.address, "b"), (live.address, "c"), (live.address, "d")]
 
 
 @pytest.mark.parametrize("argv", [["--token", "t0k", "serve"], ["serve", "--token", "t0k"]])

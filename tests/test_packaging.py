@@ -55,6 +55,15 @@ def test_cli_help_runs_without_the_server_extra():
     assert "generate" in done.stdout and "serve" in done.stdout
 
 
+def test_the_page_without_its_extra_says_what_to_install():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("client", "webui"))}
+    script = ("import sys, runpy\nsys.modules['nicegui'] = None  # as if it were not installed\n"
+              "runpy.run_module('paletta_webui', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "the page is not installed (nicegui is missing): pip install 'paletta[webui]'"
+
+
 def test_base_install_is_the_sdk_and_extras_hold_the_rest():
     project = _pyproject()["project"]
     base = _names(project["dependencies"])

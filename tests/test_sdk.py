@@ -320,6 +320,16 @@ def test_pipeline_script_and_request_steps_become_job_specs():
         pipeline.to_spec(job_pb2.Job())
     with pytest.raises(ValueError, match="line 1: unknown mode 'paint'"):
         pipeline.parse("[paint] a cat")
+    # any step and field as JSON JobSpecs (protobuf's JSON names)
+    steps = pipeline.parse('[{"outpaint": {"prompt": "sea", "left": 128, "seed": "7"}},'
+                           ' {"control": {"prompt": "a tower", "controlType": "CONTROL_TYPE_DEPTH"}}]')
+    assert [s.WhichOneof("spec") for s in steps] == ["outpaint", "control"]
+    assert (steps[0].outpaint.left, steps[0].outpaint.seed) == (128, 7)
+    assert steps[1].control.control_type == control_pb2.CONTROL_TYPE_DEPTH
+    with pytest.raises(ValueError, match="step 2: .*no_such_field"):
+        pipeline.parse('[{"generate": {"prompt": "a"}}, {"generate": {"no_such_field": 1}}]')
+    with pytest.raises(ValueError, match="non-empty list"):
+        pipeline.parse("[]")
 
 
 def test_output_results_become_dataclasses():

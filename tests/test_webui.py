@@ -402,6 +402,8 @@ async def test_pipeline_box_runs_form_and_script_steps_and_labels_outputs(page):
     assert spec_summary(job).startswith("generate: a knight → segment: the knight")
     await user.should_see("Step 1: generate · #0 · seed 2", retries=50)
     await user.should_see("Step 4: outpaint · #3", retries=50)
+    await asyncio.sleep(0.5)  # the pipeline's "4/4 done" progress comes after its last output
+    await user.should_not_see("Step 5")  # four cards, no fifth for that marker
 
 
 async def test_history_and_approvals_come_back_after_a_reload(page):

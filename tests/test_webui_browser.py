@@ -2,7 +2,8 @@
 download), against ``python -m paletta_webui`` and a tiny-profile server, both as subprocesses.
 
 Upload an image, paint a mask stroke, run inpaint, see the output image loaded, approve it,
-reload and find the approval still there. Screenshots at 1280 and 420 px go to
+reload and find the approval still there; caption the input and see the caption's chip stay in
+its card. Screenshots at 1280 and 420 px go to
 ``webui-screenshots/`` (gitignored).
 """
 
@@ -139,6 +140,18 @@ def test_inpaint_in_a_real_browser_then_approve_and_reload(webui, tmp_path, tiny
                                "return i && i.complete && i.naturalWidth > 0 }")
         assert loaded(page, approved)
         assert page.locator(".q-toggle[aria-checked=true]", has_text="Approved").count() == 1
+
+        # a caption of the same input: its text comes back as a chip, which must wrap inside its card
+        page.get_by_label("Mode").click()
+        page.get_by_role("option", name="Caption", exact=True).click()
+        page.get_by_role("button", name="Use as input").first.click()  # the inpainted output
+        page.get_by_role("button", name="Run", exact=True).click()
+        chip = page.locator(".paletta-cards .q-chip").first
+        chip.wait_for()
+        card = chip.locator("xpath=ancestor::div[contains(@class, 'q-card')][1]")
+        chip_box, card_box = chip.bounding_box(), card.bounding_box()
+        assert chip_box is not None and card_box is not None
+        assert chip_box["x"] + chip_box["width"] <= card_box["x"] + card_box["width"] + 0.5
 
         page.set_viewport_size({"width": 420, "height": 900})
         page.wait_for_timeout(600)

@@ -64,7 +64,10 @@ class Settings:
 
 def make_client(settings: Settings) -> Client:
     """The SDK client (a seam for tests)."""
-    return Client(settings.server_address, token=settings.bearer_token, tls_root_cert=settings.root_cert)
+    cert = settings.root_cert
+    if cert is not None and not Path(cert).is_file():
+        raise click.BadParameter(f"{cert}: no such file", param_hint="--tls-root-cert / PALETTA_TLS_ROOT_CERT")
+    return Client(settings.server_address, token=settings.bearer_token, tls_root_cert=cert)
 
 
 def settings() -> Settings:
@@ -259,6 +262,14 @@ def upscaler_option(f: F) -> F:
     return click.option(
         "--upscaler", type=UPSCALERS, show_default="lanczos",
         help="How the output is restored to the input image's size.",
+    )(f)
+
+
+def upscale_with_option(f: F) -> F:
+    """``upscale``'s own --upscaler: the model that enlarges (Real-ESRGAN unless told otherwise)."""
+    return click.option(
+        "--upscaler", type=UPSCALERS, show_default="realesrgan",
+        help="What enlarges the image: Real-ESRGAN x4 (tiled), or LANCZOS resampling.",
     )(f)
 
 

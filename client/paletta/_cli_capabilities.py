@@ -28,6 +28,7 @@ from paletta._cli_base import (
     output_option,
     sdk_job_kwargs,
     style_options,
+    upscale_with_option,
     upscaler_option,
 )
 from paletta.client import Client
@@ -242,11 +243,12 @@ def identity(face: str, prompt: str, output: Path, no_progress: bool, **kw: Any)
 @capability("upscale", "paletta upscale small.png -o big.png --scale 4")
 @click.argument("image", type=IMAGE)
 @output_option(True, "Output image.")
-@upscaler_option
+@upscale_with_option
 @click.option("--scale", type=click.FloatRange(1, 4), show_default="4", help="Scale factor.")
 @click.option("--tile", type=click.IntRange(32, 2048), show_default="256",
               help="Real-ESRGAN tile edge in input pixels.")
-@click.option("--overlap", type=click.IntRange(0), show_default="16", help="Overlap between tiles, up to tile/4.")
+@click.option("--overlap", type=click.IntRange(0), show_default="16, or tile/4 when smaller",
+              help="Overlap between tiles, up to tile/4.")
 @job_options
 def upscale(image: str, output: Path, no_progress: bool, **kw: Any) -> int:
     """Enlarge an image (Real-ESRGAN, tiled, or LANCZOS)."""
@@ -329,6 +331,8 @@ DEPTHS = click.Choice(["fast", "deep"], case_sensitive=False)
 def caption(image: str, no_progress: bool, deep: bool, depth: str | None, **kw: Any) -> int:
     """Describe an image (BLIP / BLIP-2)."""
     job = sdk_job_kwargs(kw)
+    if deep and depth not in (None, "deep"):
+        raise click.BadParameter(f"--deep contradicts --depth {depth}; give one of them", param_hint="--deep")
     depth = "deep" if deep else depth
     return follow_job(
         lambda client: client.caption(image, depth=depth, **kw, **job), output=None, no_progress=no_progress,
@@ -377,7 +381,9 @@ def pipeline(script: Any, output: Path, no_progress: bool, image: str | None, **
     """Run a pipeline script as one job: a step per line, `[mode|style] text`.
 
     Modes: generate, edit, qwen, inpaint, auto_mask, upscale, remove_bg; SCRIPT is a file or -
-    for standard input.
+    for standard input. Any other step (outpaint, control, detect, identity, …) and any field:
+    give SCRIPT as a JSON list of JobSpecs, e.g. [{"generate": {"prompt": "a harbour"}},
+    {"outpaint": {"prompt": "sea", "left": 128}}].
     """
     try:
         steps = pipeline_script.parse(script.read(), has_image=image is not None)

@@ -136,6 +136,7 @@ def _time(ts: Any) -> str:
 
 @app.group("jobs", cls=PalettaGroup, context_settings=CONTEXT,
            epilog="\b\nExample:\n  paletta jobs list --state failed")
+@global_options
 def jobs() -> None:
     """List, show, watch, cancel and approve jobs."""
 
@@ -182,12 +183,25 @@ def jobs_get(name: str) -> None:
         print(f"output {o.index}:   {o.asset.name or o.WhichOneof('result')} seed={o.seed}{mark}")
 
 
-def describe_event(event: job_pb2.JobEvent) -> str:
-    """One line per event for ``jobs watch``."""
+def job_context(job: job_pb2.Job) -> out.JobContext:
+    """What a job's spec says for labelling its progress: its variants, or its pipeline's steps."""
+    kind = job.spec.WhichOneof("spec")
+    if kind == "pipeline":
+        return out.JobContext(pipeline_steps=[s.WhichOneof("spec") or "?" for s in job.spec.pipeline.steps])
+    request = getattr(job.spec, kind) if kind else None
+    variants = getattr(request, "variants", 1) if request is not None else 1
+    return out.JobContext(variants=variants or 1)
+
+
+def describe_event(event: job_pb2.JobEvent, progress: Any = None, context: out.JobContext | None = None) -> str:
+    """One line per event for ``jobs watch``; progress labelled like the capability commands' lines
+    (stage, variant, pipeline step) when its typed ``progress`` is given."""
     kind = event.WhichOneof("kind") or "?"
     text = f"{event.seq:>4} {kind}"
     if kind == "queued":
         text += f" position={event.queued.position}"
+    elif kind == "progress" and progress is not None:
+        text += " " + out.progress_line(progress, context or out.JobContext())
     elif kind == "progress":
         p = event.progress
         unit = out.STAGE_UNITS.get(p.stage, "")
@@ -214,14 +228,17 @@ def describe_event(event: job_pb2.JobEvent) -> str:
 @global_options
 def jobs_watch(name: str, after_seq: int) -> None:
     """Follow a job's events (replaying those after --after-seq) until it ends; exit 1 unless it succeeded."""
-    handle = settings().client().attach(name, after_seq=after_seq)
-    for event in handle:
-        if settings().json:
+    client = settings().client()
+    context = job_context(client.get_job(name))
+    handle = client.attach(name, after_seq=after_seq)
+    for update in handle._updates():  # events with their typed progress, as the SDK reads them
+        event = update.event
+        if settings().json:  # the raw events, each with its seq (for --after-seq)
             data = {"event": event.WhichOneof("kind"), **out.message_dict(event)}
             data.get("preview", {}).pop("jpeg", None)  # pixels are no use in a log
             out.emit_json(data)
         else:
-            print(describe_event(event), flush=True)
+            print(describe_event(event, update.progress, context), flush=True)
     handle.wait()  # exit 1 if the job failed or was cancelled
 
 

@@ -12,12 +12,19 @@ segment), upscale, remove_bg (alias remove_background). A line with no mode (or 
 ``edit``. The style slot takes ``name`` or ``name:weight``; the server refuses styles on modes
 that don't support them. Each line becomes a :class:`~paletta.v1.job_spec_pb2.JobSpec`; an
 ``auto_mask`` line is a ``segment`` step, whose mask the next ``inpaint`` step takes.
+
+Every other step, and every field of a step, can be given as JSON instead: a list of JobSpecs in
+protobuf's JSON form (what ``paletta jobs get --json`` shows as ``spec.pipeline.steps``), e.g.
+``[{"generate": {"prompt": "a harbour", "seed": 7}}, {"outpaint": {"prompt": "sea", "left": 128}},
+{"control": {"prompt": "a tower", "controlType": "CONTROL_TYPE_CANNY"}}]``.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
+from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from paletta import _common as c
@@ -46,7 +53,11 @@ _SPEC_FIELDS = {
 
 
 def parse(script: str, *, has_image: bool = False) -> list[job_spec_pb2.JobSpec]:
-    """Turn a pipeline script into steps; raises ValueError naming the line of a mistake."""
+    """Turn a pipeline script (or a JSON list of JobSpecs) into steps; raises ValueError naming the
+    line or step of a mistake."""
+    as_json = _json_steps(script)
+    if as_json is not None:
+        return as_json
     steps: list[job_spec_pb2.JobSpec] = []
     for number, line in enumerate(script.splitlines(), start=1):
         if not line.strip():
@@ -62,6 +73,23 @@ def parse(script: str, *, has_image: bool = False) -> list[job_spec_pb2.JobSpec]
         steps.append(_step(mode, match["text"], styles))
     if not steps:
         raise ValueError("the pipeline script has no steps")
+    return steps
+
+
+def _json_steps(text: str) -> list[job_spec_pb2.JobSpec] | None:
+    """The steps of a JSON list of JobSpecs, or None when ``text`` is not JSON (a script)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, list) or not data:
+        raise ValueError("JSON steps are a non-empty list of JobSpecs, e.g. [{\"generate\": {\"prompt\": \"…\"}}]")
+    steps = []
+    for number, item in enumerate(data, start=1):
+        try:
+            steps.append(json_format.ParseDict(item, job_spec_pb2.JobSpec()))
+        except json_format.ParseError as err:
+            raise ValueError(f"step {number}: {err}") from None
     return steps
 
 

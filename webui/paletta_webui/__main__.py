@@ -6,7 +6,10 @@ import argparse
 import os
 from pathlib import Path
 
-from nicegui import ui
+try:
+    from nicegui import ui
+except ImportError as err:  # an SDK-only install: say what to install, not a traceback
+    raise SystemExit(f"the page is not installed ({err.name} is missing): pip install 'paletta[webui]'") from None
 
 import paletta
 from paletta_webui.page import default_client, make_root

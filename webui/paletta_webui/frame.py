@@ -21,6 +21,9 @@ STYLE = """
   .paletta-cards img { max-height: 320px; object-fit: contain; }
   .paletta-drop.dragover { outline: 2px dashed var(--q-primary); }
   .q-field__label { overflow: visible; }
+  /* chips hold captions: they wrap inside their card instead of running past it */
+  .q-chip { max-width: 100%; height: auto; }
+  .q-chip__content { white-space: normal; overflow-wrap: anywhere; }
 </style>
 """
 

@@ -100,7 +100,7 @@ MODES: dict[str, Mode] = {
                 Field("height", "Height", min=16, max=2048, step=16, hint="multiple of 16, empty: 1024"),
                 Field("steps", "Steps", default=4, min=1, max=100, hint="1–100 (schnell: 1–4)"),
                 SEED, VARIANTS,
-                Field("guidance", "Guidance", kind="float", min=0, step=0.5, hint="empty: model default (0)"),
+                Field("guidance", "Guidance", kind="float", min=0, max=20, step=0.5, hint="0–20, empty: 0"),
             ),
         ),
         Mode(

@@ -83,7 +83,7 @@ class Workstation:
                     self.analyze_button = ui.button("Analyze", icon="search", on_click=self.analyze).props(
                         "flat dense no-caps"
                     )
-                self.chips = ui.row().classes("gap-1").mark("chips")
+                self.chips = ui.row().classes("w-full gap-1").mark("chips")
             for key, mode in modes.MODES.items():
                 with ui.element("div").classes("paletta-fields w-full") as box:
                     self.fields[key] = {f.name: self._field(f) for f in mode.fields}

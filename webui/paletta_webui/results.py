@@ -102,8 +102,8 @@ class OutputCard:
     def _typed_result(self, output: job_pb2.JobOutput, actions: Actions) -> None:
         result = result_of(output)
         if isinstance(result, paletta.Caption):
-            ui.label(result.text).classes("text-sm")
-            with ui.row().classes("gap-1"):
+            ui.label(result.text).classes("text-sm break-words")
+            with ui.row().classes("w-full gap-1"):
                 for chip in [result.text, *result.objects]:
                     ui.chip(chip, on_click=lambda c=chip: actions.insert_chip(c)).props("dense clickable")
         elif isinstance(result, paletta.Detections):
@@ -195,6 +195,8 @@ class JobView:
         shown = 0
 
         def progress(p: paletta.Progress) -> None:
+            if p.stage == "pipeline" and p.total and p.step >= p.total:
+                return  # the pipeline's "all steps done" marker, after its last output: no card of its own
             self.state.text = "queued" if p.stage == "queued" else "running"
             if self.on_step is not None:
                 self.on_step(p.pipeline_step)
