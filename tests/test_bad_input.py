@@ -11,7 +11,7 @@ from paletta.v1 import asset_service_pb2 as asset_pb
 from paletta.v1 import asset_service_pb2_grpc as asset_grpc
 from paletta.v1 import generate_pb2 as gen
 from paletta.v1 import generate_service_pb2_grpc as gen_grpc
-from paletta.v1 import image_pb2, job_options_pb2, job_pb2
+from paletta.v1 import image_pb2, job_options_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 from tests.helpers import collect, error_reason, field_violations, png_bytes, upload
 
 GOOD = dict(prompt="a knight", width=64, height=64, steps=2, seed=1)
@@ -72,6 +72,26 @@ async def test_unknown_and_malformed_assets(server):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await collect(stub.DownloadAsset(asset_pb.DownloadAssetRequest(name=bad)))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_long_names_are_quoted_clipped_so_the_status_stays_in_the_trailers(server):
+    """Errors quote what was sent; unclipped, a long name made the trailers too big for the client
+    (grpc's own RESOURCE_EXHAUSTED, no ErrorInfo)."""
+    jobs = job_service_pb2_grpc.JobServiceStub(server.channel)
+    for name, code, reason in (("x" * 3000, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+                               ("jobs/" + "a" * 8000, grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await jobs.GetJob(job_service_pb2.GetJobRequest(name=name))
+        assert err.value.code() == code and "name" in field_violations(err.value)
+        assert error_reason(err.value) == reason and len(err.value.details().encode()) <= 512
+    stub = gen_grpc.GenerateServiceStub(server.channel)
+    styles = [image_pb2.StyleSelection(name="🎨" * 600 + str(i)) for i in range(20)]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub.Generate(gen.GenerateRequest(**GOOD, styles=styles)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = field_violations(err.value)
+    assert "styles[0].name" in violations and violations[""].startswith("and ")  # the rest counted, not sent
+    assert error_reason(err.value) == "INVALID_ARGUMENT"
 
 
 async def test_unknown_image_prompt_asset_is_not_found(server):

@@ -309,6 +309,38 @@ async def test_second_server_on_a_port_in_use_exits_2_naming_it(server, served):
     assert status.profile == "tiny"
 
 
+async def test_a_name_that_resolves_to_a_taken_address_is_refused_not_half_served(server, served):
+    """localhost is 127.0.0.1 and ::1: with 127.0.0.1 taken, grpc alone would serve on ::1 only."""
+    port = int(server.address.rsplit(":", 1)[1])
+    second = served("--host", "localhost", "--port", str(port))
+    try:
+        code = second.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a second server started on localhost:{port}: {second.output()}")
+    assert code == 2 and f"port localhost:{port} is already in use" in second.output(), second.output()
+
+
+async def test_one_embedded_server_per_data_dir(server, served, tmp_path):
+    from paletta_server.config import load_config
+    from paletta_server.server import PalettaServer
+
+    second = served("--port", "0", data_dir=server.data_dir)  # another process on the first one's data dir
+    try:
+        code = second.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a second server started on {server.data_dir}: {second.output()}")
+    assert code == 2 and f"the data dir {server.data_dir} is in use by another Paletta server" in second.output()
+    with pytest.raises(ValueError, match="is in use by another Paletta server"):  # and in this process
+        PalettaServer(load_config(server.data_dir, env={}, host="127.0.0.1", port=0, profile="tiny"))
+    # The first server's jobs were not touched: it still serves, and once stopped its data dir is free.
+    status = await sys_grpc.SystemServiceStub(server.channel).GetStatus(sys_pb.GetStatusRequest())
+    assert status.profile == "tiny"
+    await server.server.stop(0.5)
+    again = PalettaServer(load_config(server.data_dir, env={}, host="127.0.0.1", port=0, profile="tiny"))
+    await again.start()
+    await again.stop(0.5)
+
+
 async def test_port_in_use_raises_bind_error_in_process(server, tmp_path):
     from paletta_server.config import load_config
     from paletta_server.server import BindError, PalettaServer

@@ -103,6 +103,20 @@ def test_fast_profile_without_cuda_falls_back_loudly(monkeypatch):
     assert (device.name, device.quantization) == ("cpu", "fp32") and "nf4 needs CUDA" in device.note
 
 
+def test_a_gpu_asked_for_by_name_is_never_the_cpu(monkeypatch, tmp_path):
+    from paletta_server.app import choose_device
+    from paletta_server.models import device as device_module
+    from paletta_server.models.profiles import PROFILES
+
+    monkeypatch.setattr(device_module, "_nvml", lambda: None)  # as on a machine without a GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored after: cuda:N sets it
+    for wanted in ("cuda", "cuda:0", "CUDA:1"):
+        with pytest.raises(ValueError, match=f"--device {wanted}: no such CUDA GPU"):
+            choose_device(load_config(tmp_path, env={}, device=wanted), PROFILES["fast"])
+    assert choose_device(load_config(tmp_path, env={}, device="cpu"), PROFILES["fast"]).name == "cpu"
+    assert choose_device(load_config(tmp_path, env={}), PROFILES["fast"]).name == "cpu"  # detected: falls back
+
+
 def test_booting_the_server_imports_no_torch(tmp_path):
     code = (
         "import asyncio, sys\n"

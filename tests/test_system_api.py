@@ -12,6 +12,8 @@ from paletta.v1 import generate_service_pb2_grpc as gen_grpc
 from paletta.v1 import job_pb2, style_service_pb2, style_service_pb2_grpc
 from paletta.v1 import system_service_pb2 as sys_pb
 from paletta.v1 import system_service_pb2_grpc as sys_grpc
+from paletta_server.config import load_config
+from paletta_server.server import BindError, PalettaServer
 from tests.helpers import collect, error_reason, field_violations
 
 QUICK = dict(prompt="q", width=64, height=64, steps=1, seed=1)
@@ -112,6 +114,13 @@ async def test_tls(server_factory, tmp_path):
     assert events[-1].finished.job.state == job_pb2.JOB_STATE_SUCCEEDED
     with pytest.raises(grpc.aio.AioRpcError):
         await sys_grpc.SystemServiceStub(handle.channel).GetStatus(sys_pb.GetStatusRequest(), timeout=2)
+    # Half a TLS setup is refused, not served in plaintext; a key given as the certificate names TLS.
+    with pytest.raises(ValueError, match="TLS needs both --tls-cert and --tls-key"):
+        load_config(tmp_path / "half", env={}, tls_cert=cert)
+    swapped = PalettaServer(load_config(tmp_path / "swapped", env={}, host="127.0.0.1", port=0, profile="tiny",
+                                        tls_cert=key, tls_key=cert))
+    with pytest.raises(BindError, match="with TLS: check that --tls-cert is a PEM certificate chain"):
+        await swapped.start()
 
 
 async def test_missing_model_fails_fast_with_failed_precondition(server_factory):

@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from paletta_server.capabilities import discover
 from paletta_server.capabilities.base import Capability, PrepareContext
@@ -38,7 +41,44 @@ def choose_device(config: Config, profile: Profile) -> Device:
         os.environ["CUDA_VISIBLE_DEVICES"] = wanted.split(":", 1)[1]
     elif wanted not in ("", "cuda"):
         raise ValueError(f"unknown device {config.device!r}; use cpu, cuda or cuda:N")
-    return detect_device(profile)
+    device = detect_device(profile)
+    if wanted and device.name != "cuda":  # asked for a GPU by name: never run on the CPU instead
+        raise ValueError(f"--device {config.device}: no such CUDA GPU is visible; use --device cpu, or leave "
+                         "--device out to use a GPU when there is one")
+    return device
+
+
+def lock_data_dir(data_dir: Path) -> FileLock:
+    """Hold the data dir's lock for this process, or refuse: another server is using it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(data_dir / "paletta.lock", thread_local=False)  # released by the stopping thread
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(f"the data dir {data_dir} is in use by another Paletta server; stop it, or give this "
+                         "one another --data-dir (or share a PostgreSQL store: --database)") from None
+    return lock
+
+
+def open_store(url: str) -> JobStore:
+    """The job store at ``url``, or one line on why it cannot be opened (bad URL, no driver, no server)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return JobStore(url)
+    except (SQLAlchemyError, ImportError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+        raise ValueError(f"cannot open the job store {_without_password(url)}: {type(exc).__name__}: "
+                         f"{reason}") from None
+
+
+def _without_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL: say so, without echoing what may hold a password
+        return "(unparsable database URL)"
 
 
 @dataclass
@@ -50,7 +90,10 @@ class PalettaApp:
     def __post_init__(self) -> None:
         config = self.config
         self.profile = PROFILES[config.profile]
-        self.store = JobStore(database_url(config.database, config.data_dir))
+        # An embedded store (SQLite) belongs to one server: a second one would "recover" the first's
+        # running jobs as interrupted and run its queue again. PostgreSQL is shared by design.
+        self._data_lock = None if config.database.startswith("postgresql") else lock_data_dir(config.data_dir)
+        self.store = open_store(database_url(config.database, config.data_dir))
         if config.workers not in (0, 1):
             raise ValueError(f"workers must be 0 or 1 per process, got {config.workers}: run `paletta worker` per GPU")
         if config.workers == 0 and not self.store.shared:
@@ -97,3 +140,5 @@ class PalettaApp:
         if self.worker is not None and self.link is not self.manager:
             self.link.stop()  # type: ignore[attr-defined]
         self.store.dispose()
+        if self._data_lock is not None:
+            self._data_lock.release()

@@ -143,6 +143,9 @@ def load_config(data_dir: Path | None = None, env: dict[str, str] | None = None,
     config = replace(base, **values)
     if config.profile not in PROFILES:
         raise ValueError(f"unknown profile {config.profile!r}; choose one of {', '.join(sorted(PROFILES))}")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ValueError("TLS needs both --tls-cert and --tls-key (PALETTA_TLS_CERT / PALETTA_TLS_KEY); "
+                         f"only --tls-{'cert' if config.tls_cert else 'key'} was given")
     for name in ("preview_every", "max_queue", "max_upload_bytes", "max_image_pixels", "cpu_memory_budget_bytes"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")

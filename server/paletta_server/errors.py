@@ -140,17 +140,45 @@ def _pack(message: Message) -> any_pb2.Any:
     return detail
 
 
+# A status travels in the call's trailers, which clients cap (grpc: 8 KiB by default); errors quote
+# what the caller sent (names, text), so every quoted piece is clipped to keep the status well inside.
+MESSAGE_BYTES = 512
+VIOLATION_BYTES = 1536  # all field violations together
+METADATA_BYTES = 256  # each ErrorInfo metadata value
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, marked with "…" where it was cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[:limit - 3].decode(errors="ignore") + "…"
+
+
+def _violations(violations: list[FieldViolation]) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    kept, left = [], VIOLATION_BYTES
+    for i, v in enumerate(violations):
+        field, description = clip(v.field, 128), clip(v.description, 256)
+        size = len(field.encode()) + len(description.encode())
+        if size > left:
+            kept.append(error_details_pb2.BadRequest.FieldViolation(
+                field="", description=f"and {len(violations) - i} more"))
+            break
+        kept.append(error_details_pb2.BadRequest.FieldViolation(field=field, description=description))
+        left -= size
+    return kept
+
+
 def to_status(exc: PalettaError) -> status_pb2.Status:
     """The google.rpc.Status of a domain error: ErrorInfo always, BadRequest and RetryInfo when they apply."""
-    details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))]
+    metadata = {key: clip(value, METADATA_BYTES) for key, value in exc.metadata.items()}
+    details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))]
     if exc.violations:
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in exc.violations
-        ])))
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=_violations(exc.violations))))
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(retry_after * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    return status_pb2.Status(code=code_pb2.Code.Value(exc.code), message=exc.message, details=details)
+    return status_pb2.Status(code=code_pb2.Code.Value(exc.code), message=clip(exc.message, MESSAGE_BYTES),
+                             details=details)

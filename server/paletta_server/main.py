@@ -81,8 +81,8 @@ def worker(config: Config) -> None:
     prepare_process(config.data_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_warnings()
-    if not config.database.startswith("postgresql"):
-        raise SystemExit("paletta worker needs a shared PostgreSQL store: --database postgresql+psycopg://…")
+    if not config.database.startswith("postgresql"):  # a usage error: exit 2 like the others
+        raise ValueError("paletta worker needs a shared PostgreSQL store: --database postgresql+psycopg://…")
     from paletta_server.app import PalettaApp
 
     app = PalettaApp(replace(config, workers=1))

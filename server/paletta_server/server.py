@@ -49,6 +49,27 @@ def _bind_failure(host: str, port: int) -> str:
     return f"cannot listen on {host}:{port}"
 
 
+def _taken_address(host: str, port: int) -> str | None:
+    """An address ``host`` resolves to on which another process already listens at ``port``.
+
+    grpc binds every address a name resolves to (localhost: 127.0.0.1 and ::1) and, when only
+    some are free, serves on those with a warning: two servers would share the name. Probed
+    first, the same way the kernel would answer grpc (SO_REUSEADDR, as grpc binds)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except OSError:
+        return None  # grpc will say it cannot resolve the host
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return str(address[0])
+    return None
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -89,6 +110,10 @@ class PalettaServer:
                                              reflection.SERVICE_NAME], server)
         address = f"{self.config.host}:{self.config.port}"
         tls = bool(self.config.tls_cert and self.config.tls_key)
+        taken = _taken_address(self.config.host, self.config.port) if self.config.port else None
+        if taken is not None:
+            await server.stop(None)
+            raise BindError(f"port {self.config.host}:{self.config.port} is already in use (on {taken})")
         try:
             if tls:
                 creds = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(),
@@ -98,7 +123,10 @@ class PalettaServer:
                 self.port = server.add_insecure_port(address)
         except RuntimeError as exc:  # grpc says only "Failed to bind"; find out why
             await server.stop(None)  # never started, but otherwise its finalizer complains at exit
-            raise BindError(_bind_failure(self.config.host, self.config.port)) from exc
+            why = _bind_failure(self.config.host, self.config.port)
+            if tls and "already in use" not in why:  # the port is free: the certificate or key is not right
+                why += " with TLS: check that --tls-cert is a PEM certificate chain and --tls-key its private key"
+            raise BindError(why) from exc
         app.start(asyncio.get_running_loop())
         await server.start()
         for name in ["", *names]:
