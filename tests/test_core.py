@@ -14,6 +14,7 @@ import pytest
 
 from paletta.v1 import (
     control_pb2,
+    control_service_pb2_grpc,
     generate_pb2,
     generate_service_pb2_grpc,
     image_pb2,
@@ -34,7 +35,7 @@ from paletta_server.capabilities import discover
 from paletta_server.jobs import paging
 from paletta_server.jobs.state import FINAL, IllegalTransition, JobState, check_transition
 from paletta_server.models.registry import SPECS
-from tests.helpers import collect, download, download_image, error_reason, field_violations, png_bytes
+from tests.helpers import collect, download, download_image, error_reason, field_violations, png_bytes, upload
 from tests.pg import both_stores
 
 GEN = dict(prompt="a lighthouse", width=64, height=64, steps=2, seed=11)
@@ -93,6 +94,27 @@ async def test_job_spec_is_the_prepared_request_without_options_and_reruns_the_j
     assert pixels[0] == pixels[1]  # (the files differ: their parameters name their own job)
     listed = await jobs_stub(server).ListJobs(job_service_pb2.ListJobsRequest(capability="generate"))
     assert {j.name: j.spec.generate.seed for j in listed.jobs} == {first.name: spec.seed, again.name: spec.seed}
+
+
+async def test_a_spec_stored_without_its_defaults_runs_with_them(server):
+    """Specs stored by an older version (queued across an upgrade, or from an older front end of a
+    shared store) lack the defaults prepare fills in now: the job still runs with them, not with 0."""
+    asset = await upload(server.channel, png_bytes((48, 32)))
+    old = job_spec_pb2.JobSpec(control=control_pb2.ControlRequest(
+        prompt="a tower", control_image=image_pb2.ImageRef(asset=asset.name),
+        control_type=control_pb2.CONTROL_TYPE_CANNY, steps=1, variants=1, seed=3))
+    job_id, _ = await asyncio.to_thread(server.app.manager.submit, "control", old.SerializeToString(),
+                                        job_options_pb2.PRIORITY_NORMAL, "", "flux-controlnet-union", False)
+    events = await collect(jobs_stub(server).WatchJob(job_service_pb2.WatchJobRequest(name=f"jobs/{job_id}")))
+    job = events[-1].finished.job
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job.error.message
+    parameters = json.loads(job.outputs[0].parameters)
+    assert (parameters["control_scale"], parameters["guidance"]) == (0.7, 3.5)
+    assert (job.outputs[0].asset.width, job.outputs[0].asset.height) == (48, 32)  # the control image's size
+    # sent today, the same request stores every default, the size of its control image included
+    sent = control_service_pb2_grpc.ControlServiceStub(server.channel).Control(old.control)
+    spec = (await collect(sent))[-1].finished.job.spec.control
+    assert (round(spec.control_scale, 2), spec.guidance, spec.width, spec.height) == (0.7, 3.5, 48, 32)
 
 
 async def test_inline_images_are_stored_as_assets_in_the_spec(server):

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -317,25 +318,38 @@ async def test_a_name_that_resolves_to_a_taken_address_is_refused_not_half_serve
         code = second.proc.wait(30)
     except subprocess.TimeoutExpired:
         pytest.fail(f"a second server started on localhost:{port}: {second.output()}")
-    assert code == 2 and f"port localhost:{port} is already in use" in second.output(), second.output()
+    # probed before grpc binds: grpc alone would serve on ::1 where localhost is both
+    assert code == 2 and f"port localhost:{port} is already in use (on 127.0.0.1)" in second.output(), \
+        second.output()
 
 
-async def test_one_embedded_server_per_data_dir(server, served, tmp_path):
+async def test_one_embedded_server_per_job_store(server, served, tmp_path):
     from paletta_server.config import load_config
-    from paletta_server.server import PalettaServer
+    from paletta_server.server import BindError, PalettaServer
 
+    store = (server.data_dir / "paletta.db").resolve()
     second = served("--port", "0", data_dir=server.data_dir)  # another process on the first one's data dir
     try:
         code = second.proc.wait(30)
     except subprocess.TimeoutExpired:
         pytest.fail(f"a second server started on {server.data_dir}: {second.output()}")
-    assert code == 2 and f"the data dir {server.data_dir} is in use by another Paletta server" in second.output()
+    assert code == 2 and f"the job store {store} is in use by another Paletta server" in second.output()
+    other_dir = served("--port", "0", "--database", f"sqlite:///{store}")  # its own data dir, the same store
+    assert other_dir.proc.wait(30) == 2 and "is in use by another Paletta server" in other_dir.output()
     with pytest.raises(ValueError, match="is in use by another Paletta server"):  # and in this process
         PalettaServer(load_config(server.data_dir, env={}, host="127.0.0.1", port=0, profile="tiny"))
-    # The first server's jobs were not touched: it still serves, and once stopped its data dir is free.
+    # The first server's jobs were not touched: it still serves, and once stopped its store is free.
     status = await sys_grpc.SystemServiceStub(server.channel).GetStatus(sys_pb.GetStatusRequest())
     assert status.profile == "tiny"
     await server.server.stop(0.5)
+    # A start that fails lets the store go too: the next try in the same process gets it.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = PalettaServer(load_config(server.data_dir, env={}, host="127.0.0.1", port=taken.getsockname()[1],
+                                         profile="tiny"))
+        with pytest.raises(BindError, match="is already in use"):
+            await busy.start()
     again = PalettaServer(load_config(server.data_dir, env={}, host="127.0.0.1", port=0, profile="tiny"))
     await again.start()
     await again.stop(0.5)

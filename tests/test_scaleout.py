@@ -10,6 +10,7 @@ a PostgreSQL restart loses no job and runs none twice.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -293,6 +294,16 @@ def test_killed_worker_and_killed_front_end_lose_nothing(deployment: Deployment)
             events = history(jobs_b, job.name)
             assert [e.WhichOneof("kind") for e in events].count("output") == 1
             assert len(client.download(job.outputs[0].asset.name)) == job.outputs[0].asset.size_bytes
+
+        # The surviving worker stops on SIGTERM and says so.
+        survivor = next(pid for pid in workers if pid != victim)
+        workers[survivor].send_signal(signal.SIGTERM)
+        assert workers[survivor].wait(15) == 0
+        log_name = "w2" if survivor == w2.pid else "w1"
+        log = (deployment.logs / f"{log_name}.log").read_text(errors="replace")
+        worker_name = re.search(r"paletta: worker (\S+) ready", log)[1]  # type: ignore[index]
+        deployment.wait_log(log_name, f"SIGTERM: worker {worker_name} shutting down")
+        deployment.wait_log(log_name, f"worker {worker_name} stopped")
     finally:
         channel_a.close()
         channel_b.close()

@@ -330,6 +330,11 @@ def test_pipeline_script_and_request_steps_become_job_specs():
         pipeline.parse('[{"generate": {"prompt": "a"}}, {"generate": {"no_such_field": 1}}]')
     with pytest.raises(ValueError, match="non-empty list"):
         pipeline.parse("[]")
+    with pytest.raises(ValueError, match="JSON steps, line 3 column 1"):  # a trailing comma: refused, not a script
+        pipeline.parse('[\n  {"generate": {"prompt": "a"}},\n]')
+    # a script stays a script, even one that is valid JSON
+    assert [s.generate.prompt for s in pipeline.parse("1984")] == ["1984"]
+    assert [s.WhichOneof("spec") for s in pipeline.parse("[] a cat\n[|tarot] at night")] == ["generate", "edit"]
 
 
 def test_output_results_become_dataclasses():

@@ -65,7 +65,7 @@ class Settings:
 def make_client(settings: Settings) -> Client:
     """The SDK client (a seam for tests)."""
     cert = settings.root_cert
-    if cert is not None and not Path(cert).is_file():
+    if cert is not None and not Path(cert).exists():  # exists(): a pipe (<(…)) is fine
         raise click.BadParameter(f"{cert}: no such file", param_hint="--tls-root-cert / PALETTA_TLS_ROOT_CERT")
     return Client(settings.server_address, token=settings.bearer_token, tls_root_cert=cert)
 

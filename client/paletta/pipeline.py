@@ -76,12 +76,17 @@ def parse(script: str, *, has_image: bool = False) -> list[job_spec_pb2.JobSpec]
     return steps
 
 
+_JSON_STEPS = re.compile(r"\s*\[\s*(\{|\]\s*$)")  # "[{…" or "[]": no script line starts so
+
+
 def _json_steps(text: str) -> list[job_spec_pb2.JobSpec] | None:
-    """The steps of a JSON list of JobSpecs, or None when ``text`` is not JSON (a script)."""
+    """The steps of a JSON list of JobSpecs, or None when ``text`` is a script."""
+    if not _JSON_STEPS.match(text):
+        return None
     try:
         data = json.loads(text)
-    except ValueError:
-        return None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"JSON steps, line {err.lineno} column {err.colno}: {err.msg}") from None
     if not isinstance(data, list) or not data:
         raise ValueError("JSON steps are a non-empty list of JobSpecs, e.g. [{\"generate\": {\"prompt\": \"…\"}}]")
     steps = []

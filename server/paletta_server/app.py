@@ -48,28 +48,41 @@ def choose_device(config: Config, profile: Profile) -> Device:
     return device
 
 
-def lock_data_dir(data_dir: Path) -> FileLock:
-    """Hold the data dir's lock for this process, or refuse: another server is using it."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(data_dir / "paletta.lock", thread_local=False)  # released by the stopping thread
+def _lock_sqlite(database: Path) -> FileLock:
+    """Hold ``<database>.lock`` for this process, or refuse: another server uses that store."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(database.with_name(database.name + ".lock"), thread_local=False)  # any thread releases it
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise ValueError(f"the data dir {data_dir} is in use by another Paletta server; stop it, or give this "
+        raise ValueError(f"the job store {database} is in use by another Paletta server; stop it, or give this "
                          "one another --data-dir (or share a PostgreSQL store: --database)") from None
     return lock
 
 
-def open_store(url: str) -> JobStore:
-    """The job store at ``url``, or one line on why it cannot be opened (bad URL, no driver, no server)."""
+def open_store(url: str) -> tuple[JobStore, FileLock | None]:
+    """The job store at ``url`` and, for SQLite, its lock: an embedded store belongs to one server (a
+    second would "recover" the first's running jobs as interrupted and run its queue again);
+    PostgreSQL is shared by design. Refused in one line: in use, bad URL, no driver, no server."""
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
+    lock = None
     try:
-        return JobStore(url)
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            lock = _lock_sqlite(Path(parsed.database).resolve())
+        return JobStore(url), lock
     except (SQLAlchemyError, ImportError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+        if lock is not None:
+            lock.release()
+        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0][:300]
         raise ValueError(f"cannot open the job store {_without_password(url)}: {type(exc).__name__}: "
                          f"{reason}") from None
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
 
 def _without_password(url: str) -> str:
@@ -90,10 +103,15 @@ class PalettaApp:
     def __post_init__(self) -> None:
         config = self.config
         self.profile = PROFILES[config.profile]
-        # An embedded store (SQLite) belongs to one server: a second one would "recover" the first's
-        # running jobs as interrupted and run its queue again. PostgreSQL is shared by design.
-        self._data_lock = None if config.database.startswith("postgresql") else lock_data_dir(config.data_dir)
-        self.store = open_store(database_url(config.database, config.data_dir))
+        self.store, self._store_lock = open_store(database_url(config.database, config.data_dir))
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        config = self.config
         if config.workers not in (0, 1):
             raise ValueError(f"workers must be 0 or 1 per process, got {config.workers}: run `paletta worker` per GPU")
         if config.workers == 0 and not self.store.shared:
@@ -140,5 +158,9 @@ class PalettaApp:
         if self.worker is not None and self.link is not self.manager:
             self.link.stop()  # type: ignore[attr-defined]
         self.store.dispose()
-        if self._data_lock is not None:
-            self._data_lock.release()
+
+    def close(self) -> None:
+        """Let the store go (its lock too): after ``stop`` and the last call, or after a failed start."""
+        self.store.dispose()
+        if self._store_lock is not None:
+            self._store_lock.release()

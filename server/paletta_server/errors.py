@@ -140,8 +140,9 @@ def _pack(message: Message) -> any_pb2.Any:
     return detail
 
 
-# A status travels in the call's trailers, which clients cap (grpc: 8 KiB by default); errors quote
-# what the caller sent (names, text), so every quoted piece is clipped to keep the status well inside.
+# A call's status travels in its trailers, which clients cap (grpc: 8 KiB by default); errors quote
+# what the caller sent (names, text), so there every quoted piece is clipped to keep the status well
+# inside. A job's stored error (Job.error, the finished event) is a message field: kept whole.
 MESSAGE_BYTES = 512
 VIOLATION_BYTES = 1536  # all field violations together
 METADATA_BYTES = 256  # each ErrorInfo metadata value
@@ -162,23 +163,27 @@ def _violations(violations: list[FieldViolation]) -> list[error_details_pb2.BadR
         size = len(field.encode()) + len(description.encode())
         if size > left:
             kept.append(error_details_pb2.BadRequest.FieldViolation(
-                field="", description=f"and {len(violations) - i} more"))
+                field="…", description=f"and {len(violations) - i} more, not sent"))
             break
         kept.append(error_details_pb2.BadRequest.FieldViolation(field=field, description=description))
         left -= size
     return kept
 
 
-def to_status(exc: PalettaError) -> status_pb2.Status:
-    """The google.rpc.Status of a domain error: ErrorInfo always, BadRequest and RetryInfo when they apply."""
-    metadata = {key: clip(value, METADATA_BYTES) for key, value in exc.metadata.items()}
+def to_status(exc: PalettaError, *, for_trailers: bool = False) -> status_pb2.Status:
+    """The google.rpc.Status of a domain error: ErrorInfo always, BadRequest and RetryInfo when they
+    apply; ``for_trailers``: clipped to be sent as a call's status."""
+    metadata = {key: clip(value, METADATA_BYTES) if for_trailers else value for key, value in exc.metadata.items()}
     details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))]
     if exc.violations:
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=_violations(exc.violations))))
+        violations = _violations(exc.violations) if for_trailers else [
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in exc.violations]
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(retry_after * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    return status_pb2.Status(code=code_pb2.Code.Value(exc.code), message=clip(exc.message, MESSAGE_BYTES),
-                             details=details)
+    message = clip(exc.message, MESSAGE_BYTES) if for_trailers else exc.message
+    return status_pb2.Status(code=code_pb2.Code.Value(exc.code), message=message, details=details)

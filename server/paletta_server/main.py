@@ -87,8 +87,14 @@ def worker(config: Config) -> None:
 
     app = PalettaApp(replace(config, workers=1))
     stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(sig: int, _frame: object) -> None:
+        received.append(signal.Signals(sig).name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     app.start(None)
     name = app.link.worker  # type: ignore[attr-defined]
     print(f"paletta: worker {name} ready (profile {config.profile}, device {app.device.name}, "
@@ -96,7 +102,10 @@ def worker(config: Config) -> None:
     try:
         stop.wait()
     finally:
+        log.info("%s: worker %s shutting down (the running job stops at its next step)",
+                 received[0] if received else "stop", name)
         app.stop()
+        log.info("worker %s stopped", name)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ class BindError(Exception):
     """The server could not listen on its address (most often: another process has the port)."""
 
 
-def _bind_failure(host: str, port: int) -> str:
+def _bind_failure(host: str, port: int) -> str | None:
+    """Why grpc could not bind, found by binding the same address; None when a probe can bind it."""
     bare = host.strip("[]")
     try:
         family = socket.AF_INET6 if ":" in bare else socket.AF_INET
@@ -46,7 +47,7 @@ def _bind_failure(host: str, port: int) -> str:
         if exc.errno == errno.EADDRINUSE:
             return f"port {host}:{port} is already in use"
         return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-    return f"cannot listen on {host}:{port}"
+    return None
 
 
 def _taken_address(host: str, port: int) -> str | None:
@@ -60,13 +61,13 @@ def _taken_address(host: str, port: int) -> str | None:
     except OSError:
         return None  # grpc will say it cannot resolve the host
     for family, kind, proto, _, address in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(address)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return str(address[0])
+        except OSError as exc:  # else: a family this host lacks (no IPv6), which grpc skips too
+            if exc.errno == errno.EADDRINUSE:
+                return str(address[0])
     return None
 
 
@@ -113,6 +114,7 @@ class PalettaServer:
         taken = _taken_address(self.config.host, self.config.port) if self.config.port else None
         if taken is not None:
             await server.stop(None)
+            self.app.close()
             raise BindError(f"port {self.config.host}:{self.config.port} is already in use (on {taken})")
         try:
             if tls:
@@ -123,9 +125,12 @@ class PalettaServer:
                 self.port = server.add_insecure_port(address)
         except RuntimeError as exc:  # grpc says only "Failed to bind"; find out why
             await server.stop(None)  # never started, but otherwise its finalizer complains at exit
+            self.app.close()
             why = _bind_failure(self.config.host, self.config.port)
-            if tls and "already in use" not in why:  # the port is free: the certificate or key is not right
-                why += " with TLS: check that --tls-cert is a PEM certificate chain and --tls-key its private key"
+            if why is None:  # the address is free: with TLS, the certificate or key is what grpc refused
+                why = f"cannot listen on {self.config.host}:{self.config.port}" + (
+                    " with TLS: check that --tls-cert is a PEM certificate chain and --tls-key its private key"
+                    if tls else "")
             raise BindError(why) from exc
         app.start(asyncio.get_running_loop())
         await server.start()
@@ -149,3 +154,4 @@ class PalettaServer:
         reaches its watchers. A job still running after that is recorded INTERRUPTED at the next start."""
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(self.server.stop(grace), asyncio.to_thread(self.app.stop, worker_wait))
+        self.app.close()  # the store (and its lock) outlive every call

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 async def abort(context: grpc.aio.ServicerContext, exc: PalettaError) -> None:
     if not isinstance(exc, InvalidArgument):
         log.info("%s: %s", exc.reason, exc.message)
-    await context.abort_with_status(rpc_status.to_status(to_status(exc)))
+    await context.abort_with_status(rpc_status.to_status(to_status(exc, for_trailers=True)))
 
 
 def refusal_handler(exc: PalettaError) -> grpc.RpcMethodHandler:

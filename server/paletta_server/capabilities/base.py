@@ -100,6 +100,9 @@ class Capability:
     chains: Mapping[str, str] = field(default_factory=dict)
     # In a pipeline: what its first output becomes, "image", "mask", or "" (nothing chains).
     makes: str = "image"
+    # Fields whose default is the size of a chained input (ControlNet's width / height): prepare fills
+    # them from the input; in a pipeline step whose input is chained they stay unset until it runs.
+    input_sized: tuple[str, ...] = ()
     default_priority: int = NORMAL
 
     def spec_of(self, request: Message) -> job_spec_pb2.JobSpec:

@@ -54,6 +54,13 @@ def fill(request: Any, **defaults: Any) -> None:
             setattr(request, name, value)
 
 
+def given(request: Any, name: str, default: Any) -> Any:
+    """An optional field's value, or ``default`` when unset. Prepare fills defaults into the spec;
+    run reads through this too, for specs stored by an older version (queued across an upgrade, or
+    submitted through an older front end of a shared store)."""
+    return getattr(request, name) if request.HasField(name) else default
+
+
 def default_range(v: Violations, request: Any, name: str, default: float, lo: float, hi: float) -> None:
     """An optional number: checked against [lo, hi] when given, else set to its default."""
     if request.HasField(name):
@@ -187,8 +194,8 @@ def style_loras(ctx: Any, selections: Any) -> list[Any]:
     loras = []
     for selection in selections:
         spec = ctx.styles.get(selection.name)
-        loras.append(LoraFile(selection.name, ctx.styles.file(selection.name, tiny_dir), selection.weight,
-                              spec.trigger_word,
+        loras.append(LoraFile(selection.name, ctx.styles.file(selection.name, tiny_dir),
+                              given(selection, "weight", spec.default_weight), spec.trigger_word,
                               f"tiny:{selection.name}" if tiny_dir else spec.source))
     return loras
 
@@ -213,8 +220,8 @@ def diffusion_extras(pipe: Any, request: Any, ctx: Any) -> Iterator[tuple[str, d
             from paletta_server.engines import ip_adapter
 
             ip = request.image_prompt
+            weight = given(ip, "weight", ip_adapter.DEFAULT_WEIGHT)
             extra.update(stack.enter_context(ip_adapter.applied_image_prompt(
-                pipe, ctx.model("ip-adapter"), ctx.model("clip-vit-large"), ctx.open_image(ip.image.asset),
-                ip.weight)))
-            applied["image_prompt"] = {"image": ip.image.asset, "weight": round(ip.weight, 4), "model": "ip-adapter"}
+                pipe, ctx.model("ip-adapter"), ctx.model("clip-vit-large"), ctx.open_image(ip.image.asset), weight)))
+            applied["image_prompt"] = {"image": ip.image.asset, "weight": round(weight, 4), "model": "ip-adapter"}
         yield prompt, extra, applied

@@ -19,7 +19,7 @@ VALID_PREPROCESS = (pb.PREPROCESS_UNSPECIFIED, pb.PREPROCESS_NONE, pb.PREPROCESS
 
 def prepare(request: pb.ControlRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
-    diffusion_io.input_image(v, ctx, request.control_image, "control_image")
+    image = diffusion_io.input_image(v, ctx, request.control_image, "control_image")
     common.check_prompt(v, request.prompt)
     if request.control_type not in VALID_TYPES:
         v.add("control_type", "must be CONTROL_TYPE_CANNY, CONTROL_TYPE_DEPTH or CONTROL_TYPE_POSE"
@@ -36,6 +36,8 @@ def prepare(request: pb.ControlRequest, ctx: PrepareContext) -> Any:
     common.check_styles(v, ctx, request.styles, allowed=False, mode="ControlNet")
     common.check_image_prompt(v, ctx, request)
     v.raise_if_any()
+    if image is not None:  # unset: the control image's size
+        common.fill(request, width=image.width, height=image.height)
     common.resolve_seed(request)
     return request
 
@@ -52,15 +54,14 @@ def run(request: pb.ControlRequest, ctx: RunContext) -> None:
 
     pipe = ctx.model(MODEL)
     source = ctx.open_image(request.control_image.asset).convert("RGB")
-    # Unset: the control image's size (left unset in the spec: in a pipeline that image is chained).
-    size = (request.width if request.HasField("width") else source.width,
-            request.height if request.HasField("height") else source.height)
+    size = (common.given(request, "width", source.width), common.given(request, "height", source.height))
     infer = diffusion_io.inference_size(*size, ctx.profile.max_inference_edge)
     if request.preprocess == pb.PREPROCESS_CANNY:
         # Edges are found at the resolution the user uploaded, then scaled with the map.
         source = control.canny_map(source)
     control_image = diffusion_io.fit(source, infer)
-    scale, guidance = request.control_scale, request.guidance
+    scale = common.given(request, "control_scale", DEFAULT_SCALE)
+    guidance = common.given(request, "guidance", DEFAULT_GUIDANCE)
     with common.diffusion_extras(pipe, request, ctx) as (prompt, extra, applied):
         for i in range(request.variants):
             seed = request.seed + i
@@ -82,4 +83,4 @@ def run(request: pb.ControlRequest, ctx: RunContext) -> None:
 
 CAPABILITY = Capability("control", pb.ControlRequest, prepare, models, run,
                         model_keys=(MODEL, "flux-dev", "ip-adapter", "clip-vit-large", diffusion_io.REALESRGAN_KEY),
-                        chains={"control_image": "image"})
+                        chains={"control_image": "image"}, input_sized=("width", "height"))

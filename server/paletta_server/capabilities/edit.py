@@ -49,7 +49,7 @@ def run(request: edit_pb2.EditRequest, ctx: RunContext) -> None:
     original = ctx.open_image(request.image.asset).convert("RGB")
     infer = diffusion_io.inference_size(*original.size, ctx.profile.max_inference_edge)
     image = diffusion_io.fit(original, infer)
-    guidance = request.guidance
+    guidance = common.given(request, "guidance", DEFAULT_GUIDANCE)
     with common.diffusion_extras(pipe, request, ctx) as (prompt, extra, applied):
         for i in range(request.variants):
             seed = request.seed + i

@@ -42,7 +42,7 @@ def run(request: generate_pb2.GenerateRequest, ctx: RunContext) -> None:
     acceleration = common.acceleration_lora(ctx)
     pipe = ctx.model(MODEL)
     style_engine.ensure_acceleration(pipe, acceleration)
-    guidance = request.guidance
+    guidance = common.given(request, "guidance", 0.0)
     with common.diffusion_extras(pipe, request, ctx) as (prompt, extra, applied):
         for i in range(request.variants):
             seed = request.seed + i

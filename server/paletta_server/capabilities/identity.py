@@ -76,7 +76,7 @@ def _chosen_face(faces: list[Any], request: pb.IdentityServiceGenerateRequest) -
         raise FailedPrecondition(
             "no face was found in the face image; use a photo where one face is clearly visible",
             reason="NO_FACE", violations=[FieldViolation("face", "no face found")])
-    index = request.face_index
+    index = common.given(request, "face_index", 0)
     if index >= len(faces):
         raise InvalidArgument(FieldViolation(
             "face_index", f"must be in [0, {len(faces) - 1}]: {len(faces)} face(s) found, got {index}"))
@@ -101,8 +101,10 @@ def run(request: pb.IdentityServiceGenerateRequest, ctx: RunContext) -> None:
     acceleration = common.acceleration_lora(ctx)  # first: in the pipeline's memory plan
     pipe = ctx.model(MODEL)
     style_engine.ensure_acceleration(pipe, acceleration)
-    strength, start_step, guidance, true_cfg = (
-        request.id_strength, request.start_step, request.guidance, request.true_cfg)
+    strength = common.given(request, "id_strength", DEFAULT_STRENGTH)
+    start_step = common.given(request, "start_step", 0)
+    guidance = common.given(request, "guidance", DEFAULT_GUIDANCE)
+    true_cfg = common.given(request, "true_cfg", 1.0)
     negative = request.negative_prompt if request.HasField("negative_prompt") else pulid.DEFAULT_NEGATIVE_PROMPT
     result = result_pb2.FaceIdentity(
         box=result_pb2.Box(x_min=face.box[0], y_min=face.box[1], x_max=face.box[2], y_max=face.box[3]),

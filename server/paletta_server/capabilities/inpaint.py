@@ -93,7 +93,7 @@ def _fill(request: Any, ctx: RunContext, original: Image.Image, mask: Image.Imag
     infer = diffusion_io.inference_size(*original.size, ctx.profile.max_inference_edge)
     image = diffusion_io.fit(original, infer)
     small_mask = diffusion_io.fit(soft, infer)
-    guidance = request.guidance
+    guidance = common.given(request, "guidance", DEFAULT_GUIDANCE)
     for i in range(request.variants):
         seed = request.seed + i
         out = flux_edit.fill(pipe, ctx, image=image, mask=small_mask, prompt=request.prompt, steps=request.steps,

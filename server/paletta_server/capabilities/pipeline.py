@@ -90,7 +90,8 @@ def prepare(request: job_spec_pb2.RunPipelineRequest, ctx: PrepareContext) -> An
         except InvalidArgument as exc:
             v.items.extend(exc.violations)
             continue
-        for field_name in chained:
+        sized_by_chain = [name for name in capability.input_sized if chained and not sub.HasField(name)]
+        for field_name in chained + sized_by_chain:  # filled from the placeholders: decided at run time
             prepared.ClearField(field_name)
         sub.CopyFrom(prepared)  # keeps what prepare fixed: seeds, defaults, inline images as assets
         if capability.makes:

@@ -37,7 +37,7 @@ def run(request: qwen_edit_pb2.QwenEditServiceEditRequest, ctx: RunContext) -> N
     original = ctx.open_image(request.image.asset).convert("RGB")
     infer = diffusion_io.inference_size(*original.size, ctx.profile.max_inference_edge)
     image = diffusion_io.fit(original, infer)
-    guidance = request.guidance
+    guidance = common.given(request, "guidance", DEFAULT_GUIDANCE)
     for i in range(request.variants):
         seed = request.seed + i
         out = qwen.edit(pipe, ctx, image=image, prompt=request.prompt, negative_prompt=request.negative_prompt,
