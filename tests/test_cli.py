@@ -185,6 +185,15 @@ def test_inpaint_with_a_mask_file_and_with_auto_mask(live, sdk, photo, mask, tmp
     assert len(masks) == 1 and masks[0].spec.segment.dilate == 2 and masks[0].spec.segment.threshold == 0.0
     assert job.spec.inpaint.mask.asset == masks[0].outputs[0].asset.name
 
+    # neither: a cut-out's transparent pixels are the mask (remove-bg, then a new backdrop)
+    cut = run(live, "--json", "remove-bg", str(photo), "-o", str(tmp_path / "cut.png"))
+    backdrop = run(live, "--json", "inpaint", str(tmp_path / "cut.png"), "a beach", "-o", str(tmp_path / "b.png"),
+                   "--steps", "1")
+    assert cut.exit_code == 0 and backdrop.exit_code == 0, backdrop.stderr
+    assert not spec_of(sdk, backdrop).spec.inpaint.HasField("mask")
+    both = run(live, "inpaint", str(photo), "x", "--mask", str(mask), "--auto-mask", "y", "-o", str(tmp_path / "n.png"))
+    assert both.exit_code == 2 and "not both" in both.stderr
+
 
 def test_outpaint_sends_each_side(live, sdk, photo, tmp_path):
     result = run(live, "--json", "outpaint", str(photo), "more room", "--left", "16", "--right", "32", "--top", "0",

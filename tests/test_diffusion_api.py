@@ -101,6 +101,25 @@ async def test_inpaint_resizes_a_smaller_mask_and_keeps_unmasked_pixels(server):
     assert not (got[20:44, 28:68] == original[20:44, 28:68]).all()
 
 
+async def test_inpaint_without_a_mask_repaints_the_transparent_pixels_of_a_cut_out(server):
+    """The seed's flow: remove the background, then give the cut-out a new backdrop with Fill."""
+    stub = inp_grpc.InpaintServiceStub(server.channel)
+    cutout = picture((96, 64)).convert("RGBA")
+    cutout.putalpha(square_mask((96, 64), (24, 16, 72, 48)))  # the subject: opaque; around it: transparent
+    events = await collect(stub.Inpaint(inp.InpaintRequest(image=ref(cutout), prompt="a beach", steps=2, seed=1)))
+    assert_well_formed(events, 1, 2)
+    assert json.loads(outputs(events)[0].parameters)["mask"] == "transparent pixels of the image"
+    got = (await pixels(server, events))[0]
+    subject = np.asarray(cutout.convert("RGB"), dtype=np.int16)[16:48, 24:72]
+    assert (got[16:48, 24:72] == subject).all()  # the opaque subject is kept exactly
+    assert not (got[:16] == np.asarray(cutout.convert("RGB"), dtype=np.int16)[:16]).all()  # the backdrop is new
+    # An image without transparent pixels still needs a mask: said on `mask`.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub.Inpaint(inp.InpaintRequest(image=ref(picture((96, 64))), prompt="a beach")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unless the image has transparent pixels" in field_violations(err.value)["mask"]
+
+
 async def test_outpaint_builds_canvas_and_mask_on_the_server(server):
     stub = inp_grpc.InpaintServiceStub(server.channel)
     image = picture((64, 48))

@@ -161,14 +161,16 @@ class Capabilities(Generic[HImage, HSeg, HDet, HCap, HExp, HAny, HFace]):
         The mask is an image or asset (a ``segment`` result's ``mask`` works). Or give
         ``mask=None, auto_mask="her coat"``: the SDK first runs a ``segment`` job for that text
         (with ``auto_mask_threshold`` / ``auto_mask_dilate``) and inpaints with its mask; the
-        handle follows the inpaint job. (In a pipeline, a ``segment`` step does the same.)
+        handle follows the inpaint job. (In a pipeline, a ``segment`` step does the same.) With
+        neither, the image's transparent pixels are repainted (a ``remove_background`` cut-out
+        gets a new backdrop).
 
         Example::
 
             client.inpaint("portrait.png", None, "a red velvet coat", auto_mask="her coat").image()
         """
-        if (mask is None) == (auto_mask is None):
-            raise ValueError("give exactly one of mask and auto_mask")
+        if mask is not None and auto_mask is not None:
+            raise ValueError("give mask or auto_mask, not both")
         request = inpaint_pb2.InpaintRequest(
             prompt=prompt,
             options=job_options(request_id, priority, cancel_on_disconnect),
@@ -185,7 +187,7 @@ class Capabilities(Generic[HImage, HSeg, HDet, HCap, HExp, HAny, HFace]):
         dependencies = []
         if mask is not None:
             images.append(ImageSlot(request, "mask", mask))
-        else:
+        elif auto_mask is not None:
             segment = segment_pb2.SegmentRequest(
                 text=auto_mask or "",
                 options=job_options(None, priority, cancel_on_disconnect),

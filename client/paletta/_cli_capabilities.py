@@ -132,9 +132,10 @@ def edit(image: str, prompt: str, output: Path, no_progress: bool, **kw: Any) ->
 @upscaler_option
 @job_options
 def inpaint(image: str, prompt: str, output: Path, no_progress: bool, mask: str | None, **kw: Any) -> int:
-    """Regenerate the masked part of an image (FLUX.1-Fill). Give --mask FILE or --auto-mask TEXT."""
-    if (mask is None) == (kw["auto_mask"] is None):
-        raise click.UsageError("give exactly one of --mask FILE and --auto-mask TEXT")
+    """Regenerate the masked part of an image (FLUX.1-Fill). Give --mask FILE or --auto-mask TEXT; with
+    neither, the image's transparent pixels are repainted (a remove-bg cut-out gets a new backdrop)."""
+    if mask is not None and kw["auto_mask"] is not None:
+        raise click.UsageError("give --mask FILE or --auto-mask TEXT, not both")
     job = sdk_job_kwargs(kw)
     return follow_job(
         lambda client: client.inpaint(image, mask, prompt, **kw, **job),

@@ -269,8 +269,8 @@ def missing_inputs(mode: Mode, inputs: Inputs) -> dict[str, str]:
     if mode.needs_image and not inputs.image:
         what = "an input image" if mode.image_label == "Input image" else f"a {mode.image_label.lower()}"
         missing["image"] = f"Add {what} first (pick, drop or paste one)"
-    if mode.needs_mask and not inputs.mask:
-        missing["mask"] = "Paint a mask over the image, or make one with Auto-mask"
+    # No mask: the server repaints the image's transparent pixels (a remove-bg cut-out), or says
+    # under the mask slot that one is needed.
     if mode.needs_control and not inputs.control:
         missing["control_image"] = "Add a control image"
     if mode.prompt and mode.prompt_required and not inputs.prompt.strip():

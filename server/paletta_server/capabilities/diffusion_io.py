@@ -1,7 +1,8 @@
 """Round trip and masks for the diffusion capabilities (edit, inpaint, outpaint, qwen_edit, control).
 
 Round trip: an input is downscaled so its long edge fits the profile's ``max_inference_edge``
-(1024 under NF4, 512 under bf16), each side floored to a multiple of 16 (never upscaled), the
+(1024, lowered to what the memory budget allows: 512 for bf16 on the seed's 16 GB card; 512 under
+tiny), each side floored to a multiple of 16 (never upscaled), the
 model runs at that size, and every output is restored to the upload's size with LANCZOS, or with
 Real-ESRGAN x4plus then LANCZOS when the request asks for ``UPSCALER_REALESRGAN``.
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from paletta.v1 import image_pb2
 from paletta_server.capabilities import common
@@ -78,6 +79,15 @@ def mask_from(image: Image.Image) -> Image.Image:
         if alpha.getextrema()[0] < 255:
             return alpha
     return image.convert("L")
+
+
+def transparent_region(image: Image.Image) -> Image.Image | None:
+    """The mask of an image's transparent pixels (white = transparent), or None if it has none: an
+    inpaint without a mask repaints them (a background-removal cut-out gets a new backdrop)."""
+    if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
+        return None
+    region = ImageOps.invert(image.convert("RGBA").getchannel("A"))
+    return None if is_empty(region) else region
 
 
 def is_empty(mask: Image.Image) -> bool:

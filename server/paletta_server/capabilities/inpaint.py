@@ -34,7 +34,12 @@ def _check_feather(v: common.Violations, request: Any) -> None:
 def prepare_inpaint(request: inpaint_pb2.InpaintRequest, ctx: PrepareContext) -> Any:
     v = common.Violations()
     image = diffusion_io.input_image(v, ctx, request.image, "image")
-    mask = diffusion_io.input_image(v, ctx, request.mask, "mask")
+    mask = None
+    if request.mask.WhichOneof("source") is not None:
+        mask = diffusion_io.input_image(v, ctx, request.mask, "mask")
+    elif image is not None and not _has_transparency(ctx, request):  # else its transparent pixels are the mask
+        v.add("mask", "a mask is required (white = regenerate), unless the image has transparent pixels: "
+                      "then those are repainted")
     common.check_prompt(v, request.prompt)
     _check_feather(v, request)
     diffusion_io.check_common(v, request, DEFAULT_STEPS, DEFAULT_GUIDANCE, (0.0, 100.0))
@@ -45,6 +50,12 @@ def prepare_inpaint(request: inpaint_pb2.InpaintRequest, ctx: PrepareContext) ->
     v.raise_if_any()
     common.resolve_seed(request)
     return request
+
+
+def _has_transparency(ctx: PrepareContext, request: inpaint_pb2.InpaintRequest) -> bool:
+    if ctx.assets.get(request.image.asset, "image.asset").mime == "image/jpeg":
+        return False  # no alpha channel: spare the decode
+    return diffusion_io.transparent_region(ctx.assets.open_image(request.image.asset, "image")) is not None
 
 
 def prepare_outpaint(request: inpaint_pb2.OutpaintRequest, ctx: PrepareContext) -> Any:
@@ -109,7 +120,13 @@ def _fill(request: Any, ctx: RunContext, original: Image.Image, mask: Image.Imag
 
 
 def run_inpaint(request: inpaint_pb2.InpaintRequest, ctx: RunContext) -> None:
-    original = ctx.open_image(request.image.asset).convert("RGB")
+    image = ctx.open_image(request.image.asset)
+    original = image.convert("RGB")
+    if request.mask.WhichOneof("source") is None:  # prepare checked that the image has transparent pixels
+        mask = diffusion_io.transparent_region(image)
+        assert mask is not None
+        _fill(request, ctx, original, mask, {"mask": "transparent pixels of the image"})
+        return
     mask = diffusion_io.mask_from(ctx.open_image(request.mask.asset))
     params: dict = {"mask": request.mask.asset, "mask_size": list(mask.size), "mask_resized": False}
     if mask.size != original.size:
