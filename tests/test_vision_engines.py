@@ -55,7 +55,7 @@ def test_every_vision_model_builds_loads_and_is_measured(models, residency):
 def test_tiny_realesrgan_is_a_real_esrgan_checkpoint(models, residency):
     import torch
 
-    path = residency.registry.source("realesrgan-x4plus").path / "RealESRGAN_x4.pth"
+    path = residency.registry.source("realesrgan-x4plus").path / "RealESRGAN_x4plus.pth"
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert set(state) == {"params_ema"} and "conv_first.weight" in state["params_ema"]
     model = models["realesrgan-x4plus"]
@@ -137,9 +137,39 @@ def test_upscale_scale_alpha_lanczos_and_restore_size(models):
 def test_missing_realesrgan_weights_fail_as_model_unavailable(tmp_path):
     from paletta_server.engines import upscale
 
-    with pytest.raises(ModelUnavailable, match="RealESRGAN_x4.pth"):
-        upscale.load_realesrgan(ModelSource("realesrgan-x4plus", path=tmp_path, filename="RealESRGAN_x4.pth"),
+    with pytest.raises(ModelUnavailable, match="RealESRGAN_x4plus.pth"):
+        upscale.load_realesrgan(ModelSource("realesrgan-x4plus", path=tmp_path, filename="RealESRGAN_x4plus.pth"),
                                 SimpleNamespace(device=CPU))
+
+
+def test_realesrgan_x4plus_is_xinntaos_release_fetched_once_into_torchs_cache(tmp_path, monkeypatch, residency):
+    """RealESRGAN_x4plus (the seed's) is a GitHub release asset: fetched by URL, kept in torch's cache."""
+    import torch
+
+    from paletta_server.engines import upscale
+    from paletta_server.models.registry import SPECS
+
+    spec = next(s for s in SPECS if s.key == "realesrgan-x4plus")
+    assert spec.repo == "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth"
+    release = tmp_path / "release" / "RealESRGAN_x4plus.pth"  # the release, served from a file:// URL
+    release.parent.mkdir()
+    release.write_bytes((residency.registry.source("realesrgan-x4plus").path / "RealESRGAN_x4plus.pth").read_bytes())
+    hub = tmp_path / "torch-hub"
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(hub))
+    try:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set"):
+            upscale._download(release.as_uri())
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        got = upscale._download(release.as_uri())
+        assert got == hub / "checkpoints" / "RealESRGAN_x4plus.pth" and got.read_bytes() == release.read_bytes()
+        release.unlink()
+        assert upscale._download(release.as_uri()) == got  # cached: not fetched again
+        model = upscale.load_realesrgan(ModelSource("realesrgan-x4plus", path=got), SimpleNamespace(device=CPU))
+        assert model.scale == 4
+    finally:
+        torch.hub.set_dir(previous)
 
 
 # -- BiRefNet (rembg) --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ depends on ``tile`` and ``overlap`` only, whatever the image size.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,25 @@ def _model_file(source: Any) -> Path:
             f"(.pth or .safetensors) there",
             metadata={"model": source.key},
         )
+    if source.repo.startswith("https://"):
+        return _download(source.repo)
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(source.repo, source.filename, revision=source.revision or None))
+
+
+def _download(url: str) -> Path:
+    """A release file, fetched once into torch's checkpoint cache (where torch.hub keeps weights)."""
+    import torch
+
+    target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    if target.is_file():
+        return target
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):  # offline: no network at all
+        raise FileNotFoundError(f"{target} is not there and HF_HUB_OFFLINE is set, so {url} is not fetched")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(target), progress=False)  # to a temporary file, then renamed
+    return target
 
 
 def load_realesrgan(source: Any, lc: Any) -> Any:

@@ -59,9 +59,11 @@ SPECS: tuple[ModelSpec, ...] = (
               filename="Hyper-FLUX.1-dev-8steps-lora.safetensors", estimated_bytes=int(1.4 * GB)),
     ModelSpec("qwen-image-edit", "Qwen/Qwen-Image-Edit",
               f"{_E}.qwen:load_qwen_edit", f"{_T}.qwen:build_qwen_edit", estimated_bytes=20 * GB),
-    ModelSpec("realesrgan-x4plus", "ai-forever/Real-ESRGAN",
-              f"{_E}.upscale:load_realesrgan", f"{_T}.vision:build_realesrgan",
-              filename="RealESRGAN_x4.pth", estimated_bytes=70 * 1024**2),
+    # xinntao's RealESRGAN_x4plus is a GitHub release asset, not a Hub repo: the loader fetches the URL.
+    ModelSpec("realesrgan-x4plus",
+              "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth",
+              f"{_E}.upscale:load_realesrgan", f"{_T}.vision:build_realesrgan", revision="",
+              filename="RealESRGAN_x4plus.pth", estimated_bytes=70 * 1024**2),
     ModelSpec("birefnet-general", "rembg/birefnet-general",
               f"{_E}.background:load_birefnet", f"{_T}.vision:build_birefnet",
               filename="birefnet-general.onnx", estimated_bytes=0),
@@ -127,8 +129,9 @@ class ModelRegistry:
 
     def how_to_provide(self, key: str) -> str:
         spec = self.specs[key]
+        fetch = f"`curl -LO {spec.repo}`" if spec.repo.startswith("https://") else f"`hf download {spec.repo}`"
         return (
-            f"model {key!r} ({spec.repo}) is not available offline: download it (e.g. `hf download {spec.repo}`), "
+            f"model {key!r} ({spec.repo}) is not available offline: download it (e.g. {fetch}), "
             f"or point {env_var(key)} at a local folder, or set [models.{key}] path = \"...\" in "
             f"{self.config.data_dir / 'paletta.toml'}; `--profile tiny` runs without weights"
         )

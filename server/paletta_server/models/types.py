@@ -43,7 +43,9 @@ class ModelSource:
         return self.path is not None
 
     def describe(self) -> str:
-        return str(self.path) if self.path else f"{self.repo}@{self.revision}"
+        if self.path:
+            return str(self.path)
+        return f"{self.repo}@{self.revision}" if self.revision else self.repo
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ def build_realesrgan(folder: Path) -> None:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"params_ema": realesrgan_state_dict()}, folder / "RealESRGAN_x4.pth")
+    torch.save({"params_ema": realesrgan_state_dict()}, folder / "RealESRGAN_x4plus.pth")
 
 
 # -- BiRefNet-general (rembg ONNX) --------------------------------------------------------------
