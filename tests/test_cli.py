@@ -281,10 +281,13 @@ def test_vision_commands_print_typed_results(live, sdk, photo, tmp_path):
 
 def test_pipeline_from_stdin_labels_progress_by_step(live, sdk, tmp_path):
     script = "[generate] a knight\n[auto_mask] the knight\n[inpaint] obsidian armor\n"
-    result = run(live, "pipeline", "-", "-o", str(tmp_path / "chain.png"), input=script)
+    result = run(live, "pipeline", "-", "-o", str(tmp_path / "chain.png"), "--style", "tarot:0.6", input=script)
     assert result.exit_code == 0, result.stderr
     job = sdk.list_jobs(capability="pipeline", limit=1)[0]
     assert [s.WhichOneof("spec") for s in job.spec.pipeline.steps] == ["generate", "segment", "inpaint"]
+    styles = job.spec.pipeline.steps[0].generate.styles  # the default style: on generate, not on inpaint
+    assert [(x.name, round(x.weight, 2)) for x in styles] == [("tarot", 0.6)]
+    assert not job.spec.pipeline.steps[2].inpaint.styles
     assert job.spec.pipeline.steps[1].segment.text == "the knight"
     lines = result.stderr.splitlines()
     assert any(line.startswith("paletta: step 1/3 generate · denoising ") for line in lines)

@@ -332,6 +332,11 @@ def test_pipeline_script_and_request_steps_become_job_specs():
         pipeline.parse("[]")
     with pytest.raises(ValueError, match="JSON steps, line 3 column 1"):  # a trailing comma: refused, not a script
         pipeline.parse('[\n  {"generate": {"prompt": "a"}},\n]')
+    # an empty style slot takes the default styles, on the lines whose mode takes styles
+    steps = pipeline.parse("[generate] a\n[edit|koda:0.5] b\n[|] c\n[auto_mask] d\n[inpaint] e", styles=["tarot:0.8"])
+    assert [[(x.name, round(x.weight, 2)) for x in (s.generate.styles or s.edit.styles)]
+            for s in steps[:3]] == [[("tarot", 0.8)], [("koda", 0.5)], [("tarot", 0.8)]]
+    assert not steps[4].inpaint.styles
     # a script stays a script, even one that is valid JSON
     assert [s.generate.prompt for s in pipeline.parse("1984")] == ["1984"]
     assert [s.WhichOneof("spec") for s in pipeline.parse("[] a cat\n[|tarot] at night")] == ["generate", "edit"]

@@ -577,6 +577,7 @@ class Capabilities(Generic[HImage, HSeg, HDet, HCap, HExp, HAny, HFace]):
         steps: str | Sequence[job_spec_pb2.JobSpec | Message],
         *,
         image: ImageInput | None = None,
+        styles: StylesInput = None,
         request_id: str | None = None,
         priority: Priority = None,
         cancel_on_disconnect: bool = False,
@@ -585,8 +586,9 @@ class Capabilities(Generic[HImage, HSeg, HDet, HCap, HExp, HAny, HFace]):
 
         ``steps`` is a pipeline script (see :mod:`paletta.pipeline`), or JobSpec messages or
         capability requests (``GenerateRequest``, ``SegmentRequest``, …; leave their image unset
-        to chain). ``image`` is the optional starting image. Every step's outputs come back in
-        order; their ``parameters`` name the step.
+        to chain). ``image`` is the optional starting image; ``styles``, a script's default styles
+        (for its generate and edit lines with an empty style slot). Every step's outputs come back
+        in order; their ``parameters`` name the step.
 
         Example::
 
@@ -598,7 +600,7 @@ class Capabilities(Generic[HImage, HSeg, HDet, HCap, HExp, HAny, HFace]):
             final = list(job.images())[-1]
         """
         if isinstance(steps, str):
-            specs = pipeline_script.parse(steps, has_image=image is not None)
+            specs = pipeline_script.parse(steps, has_image=image is not None, styles=styles)
         else:
             specs = [pipeline_script.to_spec(step) for step in steps]
         request = job_spec_pb2.RunPipelineRequest(

@@ -377,8 +377,11 @@ def expand(prompt: str, no_progress: bool, **kw: Any) -> int:
 @click.argument("script", type=click.File("r"))
 @output_option(True, "Every step's images in order: OUTPUT, OUTPUT-1, …")
 @click.option("--image", type=IMAGE, help="Starting image (file or assets/…).")
+@click.option("--style", "styles", multiple=True, metavar="NAME[:WEIGHT]",
+              help="Default style of the generate and edit lines whose style slot is empty; repeat to stack.")
 @job_options
-def pipeline(script: Any, output: Path, no_progress: bool, image: str | None, **kw: Any) -> int:
+def pipeline(script: Any, output: Path, no_progress: bool, image: str | None, styles: tuple[str, ...],
+             **kw: Any) -> int:
     """Run a pipeline script as one job: a step per line, `[mode|style] text`.
 
     Modes: generate, edit, qwen, inpaint, auto_mask, upscale, remove_bg; SCRIPT is a file or -
@@ -387,7 +390,7 @@ def pipeline(script: Any, output: Path, no_progress: bool, image: str | None, **
     {"outpaint": {"prompt": "sea", "left": 128}}].
     """
     try:
-        steps = pipeline_script.parse(script.read(), has_image=image is not None)
+        steps = pipeline_script.parse(script.read(), has_image=image is not None, styles=list(styles))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="SCRIPT") from None
     if not steps:

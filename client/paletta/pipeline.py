@@ -9,9 +9,11 @@ Example::
 Modes: generate, edit (alias kontext), qwen (alias qwen_edit), inpaint, auto_mask (alias
 segment), upscale, remove_bg (alias remove_background). A line with no mode (or an empty one,
 ``[|tarot]``) is ``generate`` when nothing came before it and no starting image is given, else
-``edit``. The style slot takes ``name`` or ``name:weight``; the server refuses styles on modes
-that don't support them. Each line becomes a :class:`~paletta.v1.job_spec_pb2.JobSpec`; an
-``auto_mask`` line is a ``segment`` step, whose mask the next ``inpaint`` step takes.
+``edit``. The style slot takes ``name`` or ``name:weight``; left empty, a generate or edit line
+takes the default styles (``parse(..., styles=…)``, the CLI's ``--style``); the server refuses
+styles on modes that don't support them. Each line becomes a
+:class:`~paletta.v1.job_spec_pb2.JobSpec`; an ``auto_mask`` line is a ``segment`` step, whose
+mask the next ``inpaint`` step takes.
 
 Every other step, and every field of a step, can be given as JSON instead: a list of JobSpecs in
 protobuf's JSON form (what ``paletta jobs get --json`` shows as ``spec.pipeline.steps``), e.g.
@@ -52,12 +54,16 @@ _SPEC_FIELDS = {
 }
 
 
-def parse(script: str, *, has_image: bool = False) -> list[job_spec_pb2.JobSpec]:
+STYLED_MODES = ("generate", "edit")  # the modes whose empty style slot takes the default styles
+
+
+def parse(script: str, *, has_image: bool = False, styles: c.StylesInput = None) -> list[job_spec_pb2.JobSpec]:
     """Turn a pipeline script (or a JSON list of JobSpecs) into steps; raises ValueError naming the
     line or step of a mistake."""
     as_json = _json_steps(script)
     if as_json is not None:
         return as_json
+    default = c.styles(styles)
     steps: list[job_spec_pb2.JobSpec] = []
     for number, line in enumerate(script.splitlines(), start=1):
         if not line.strip():
@@ -69,8 +75,9 @@ def parse(script: str, *, has_image: bool = False) -> list[job_spec_pb2.JobSpec]
             mode = "edit" if (steps or has_image) else "generate"
         if mode not in MODES:
             raise ValueError(f"line {number}: unknown mode {mode!r}; use one of {', '.join(MODES)}")
-        styles = c.styles(match["style"].strip()) if match["style"] and match["style"].strip() else []
-        steps.append(_step(mode, match["text"], styles))
+        slot = (match["style"] or "").strip()
+        chosen = c.styles(slot) if slot else (default if mode in STYLED_MODES else [])
+        steps.append(_step(mode, match["text"], chosen))
     if not steps:
         raise ValueError("the pipeline script has no steps")
     return steps
