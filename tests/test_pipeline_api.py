@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from paletta.v1 import (
+    background_pb2,
     edit_pb2,
     generate_pb2,
     image_pb2,
@@ -60,6 +61,22 @@ async def test_starting_image_chains_through_upscale_and_edit(server):
     assert events[-1].finished.job.state == job_pb2.JOB_STATE_SUCCEEDED
     assert [(o.asset.width, o.asset.height) for o in outputs] == [(64, 32), (64, 32)]
     assert json.loads(outputs[1].parameters)["image"] == outputs[0].asset.name
+
+
+async def test_remove_background_then_inpaint_gives_the_cut_out_a_new_backdrop(server):
+    """The seed's flow as one job: the cut-out's transparent pixels are the inpaint's mask."""
+    start = await upload(server.channel, png_bytes((48, 32)))
+    request = job_spec_pb2.RunPipelineRequest(image=image_pb2.ImageRef(asset=start.name), steps=[
+        Step(remove_background=background_pb2.RemoveBackgroundRequest()),
+        Step(inpaint=inpaint_pb2.InpaintRequest(prompt="a beach backdrop", steps=1, seed=2)),
+    ])
+    events = await collect(stub(server).RunPipeline(request))
+    job = events[-1].finished.job
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job.error.message
+    cutout, backdrop = [e.output for e in events if e.HasField("output")]
+    params = json.loads(backdrop.parameters)
+    assert params["image"] == cutout.asset.name and params["mask"] == "transparent pixels of the image"
+    assert not job.spec.pipeline.steps[1].inpaint.HasField("mask")
 
 
 @pytest.mark.parametrize("steps, field", [

@@ -37,4 +37,5 @@ def run(request: background_pb2.RemoveBackgroundRequest, ctx: RunContext) -> Non
 
 
 CAPABILITY = Capability("remove_background", background_pb2.RemoveBackgroundRequest, prepare, models, run,
+                        makes_cutout=True,
                         model_keys=(MODEL,), chains={"image": "image"})

@@ -35,9 +35,12 @@ def _capabilities() -> dict[str, Capability]:
 
 
 def _placeholders(ctx: PrepareContext) -> dict[str, str]:
-    """Stand-ins for chained inputs during validation: a gray image and an all-white mask."""
+    """Stand-ins for chained inputs during validation: a gray image, an all-white mask, a cut-out."""
+    cutout = Image.new("RGBA", (64, 64), (128, 128, 128, 0))
+    cutout.paste((128, 128, 128, 255), (16, 16, 48, 48))
     return {"image": ctx.assets.put_image(Image.new("RGB", (64, 64), (128, 128, 128))).name,
-            "mask": ctx.assets.put_image(Image.new("L", (64, 64), 255)).name}
+            "mask": ctx.assets.put_image(Image.new("L", (64, 64), 255)).name,
+            "cutout": ctx.assets.put_image(cutout).name}
 
 
 def _step(spec: job_spec_pb2.JobSpec) -> tuple[str, Capability | None, Message | None]:
@@ -59,7 +62,7 @@ def prepare(request: job_spec_pb2.RunPipelineRequest, ctx: PrepareContext) -> An
     if not 1 <= len(request.steps) <= MAX_STEPS:
         v.add("steps", f"a pipeline has 1 to {MAX_STEPS} steps, got {len(request.steps)}")
     common.resolve_image(ctx, request.image, "image", required=False)
-    current = {"image": request.image.WhichOneof("source") is not None, "mask": False}
+    current = {"image": request.image.WhichOneof("source") is not None, "mask": False, "cutout": False}
     placeholders = _placeholders(ctx)
     for i, spec in enumerate(request.steps):
         kind, capability, sub = _step(spec)
@@ -76,12 +79,14 @@ def prepare(request: job_spec_pb2.RunPipelineRequest, ctx: PrepareContext) -> An
             if getattr(sub, field_name).WhichOneof("source") is not None:
                 continue
             if not current[what]:
+                if what == "mask" and current["cutout"]:
+                    continue  # left unset: the step repaints the cut-out's transparent pixels
                 hint = ("set it, set the pipeline's image, or make one in an earlier step" if what == "image"
-                        else "set it or put a segment (auto mask) step before this one")
+                        else "set it, or put a segment (auto mask) or remove_background step before this one")
                 v.add(f"{prefix}.{field_name}", f"no {what} to chain yet: {hint}")
                 missing = True
                 continue
-            getattr(trial, field_name).asset = placeholders[what]
+            getattr(trial, field_name).asset = placeholders["cutout" if what == "image" and current["cutout"] else what]
             chained.append(field_name)
         if missing:
             continue
@@ -96,6 +101,8 @@ def prepare(request: job_spec_pb2.RunPipelineRequest, ctx: PrepareContext) -> An
         sub.CopyFrom(prepared)  # keeps what prepare fixed: seeds, defaults, inline images as assets
         if capability.makes:
             current[capability.makes] = True
+        if capability.makes == "image":
+            current["cutout"] = capability.makes_cutout
     v.raise_if_any()
     return request
 
@@ -142,7 +149,7 @@ def run(request: job_spec_pb2.RunPipelineRequest, ctx: RunContext) -> None:
         sub = type(stored)()
         sub.CopyFrom(stored)
         for field_name, what in capability.chains.items():
-            if getattr(sub, field_name).WhichOneof("source") is None:
+            if getattr(sub, field_name).WhichOneof("source") is None and current[what]:
                 getattr(sub, field_name).asset = current[what]
         sub = _prepare_step(capability, sub, prepare_ctx, f"steps[{i}].{kind}")
         ctx.use_models(capability.models(sub, ctx.profile))
