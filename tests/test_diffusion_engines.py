@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from paletta.v1 import control_pb2 as control_pb
@@ -200,6 +202,19 @@ def test_fill_outpaint_canvas_and_mask(models):
     out = flux_edit.fill(models.model("flux-fill"), Sink(), image=canvas, mask=mask, prompt="sea", steps=2, seed=1,
                          guidance=30)
     assert out.size == (64, 64)
+
+
+@settings(max_examples=400, deadline=None)
+@given(width=st.integers(1, 12000), height=st.integers(1, 12000), max_edge=st.sampled_from([16, 512, 768, 1024, 2048]))
+def test_inference_size_fits_the_edge_in_multiples_of_16_without_upscaling_or_distortion(width, height, max_edge):
+    """The seed's fit_long_edge, as properties (Hypothesis): every size, every profile edge."""
+    w, h = diffusion_io.inference_size(width, height, max_edge)
+    assert w % 16 == 0 and h % 16 == 0 and min(w, h) >= 16
+    assert max(w, h) <= max_edge  # fits the profile's edge
+    assert w <= max(16, width) and h <= max(16, height)  # never upscaled (16 px is the floor)
+    scale = min(1.0, max_edge / max(width, height))
+    assert width * scale - 16 < w <= max(16, width * scale)  # each side as close to the scaled side
+    assert height * scale - 16 < h <= max(16, height * scale)  # as a multiple of 16 allows
 
 
 def test_round_trip_sizes_and_masks():
