@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import types
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -211,8 +212,10 @@ def test_inference_size_fits_the_edge_in_multiples_of_16_without_upscaling_or_di
     w, h = diffusion_io.inference_size(width, height, max_edge)
     assert w % 16 == 0 and h % 16 == 0 and min(w, h) >= 16
     assert max(w, h) <= max_edge  # fits the profile's edge
+    if max(width, height) >= max_edge:
+        assert max(w, h) == max_edge  # a big input uses the whole edge (511.99… must not make 496)
     assert w <= max(16, width) and h <= max(16, height)  # never upscaled (16 px is the floor)
-    scale = min(1.0, max_edge / max(width, height))
+    scale = min(Fraction(1), Fraction(max_edge, max(width, height)))  # exact, unlike the float
     assert width * scale - 16 < w <= max(16, width * scale)  # each side as close to the scaled side
     assert height * scale - 16 < h <= max(16, height * scale)  # as a multiple of 16 allows
 
@@ -221,6 +224,7 @@ def test_round_trip_sizes_and_masks():
     assert diffusion_io.inference_size(2000, 1000, 1024) == (1024, 512)
     assert diffusion_io.inference_size(100, 70, 512) == (96, 64)
     assert diffusion_io.inference_size(3000, 20, 1024) == (1024, 16)
+    assert diffusion_io.inference_size(561, 400, 512) == (512, 352)  # was (496, 352): a float's 511.99…
     assert diffusion_io.is_empty(Image.new("L", (8, 8), 3)) and not diffusion_io.is_empty(Image.new("L", (8, 8), 200))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))

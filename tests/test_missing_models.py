@@ -75,8 +75,9 @@ def reason(status) -> str:
 
 
 @pytest.fixture
-async def no_weights(server_factory, tmp_path):
+async def no_weights(server_factory, tmp_path, monkeypatch):
     """A `quality` server (real model sources) on a machine with no weights and no network."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # not this machine's torch cache (Real-ESRGAN's)
     handle = await server_factory(profile="quality")
     image = image_pb2.ImageRef(asset=(await upload(handle.channel, png_bytes((64, 64)))).name)
     mask = image_pb2.ImageRef(asset=(await upload(handle.channel, png_bytes((64, 64), (255, 255, 255)))).name)

@@ -78,10 +78,23 @@ async def test_remove_background_then_inpaint_gives_the_cut_out_a_new_backdrop(s
     assert params["image"] == cutout.asset.name and params["mask"] == "transparent pixels of the image"
     assert not job.spec.pipeline.steps[1].inpaint.HasField("mask")
 
+    # Through an upscale (it keeps the transparency), and from a starting image that is a cut-out.
+    lanczos = upscale_pb2.UpscaleRequest(upscaler=image_pb2.UPSCALER_LANCZOS, scale=2)
+    for image, steps in ((start.name, [Step(remove_background=background_pb2.RemoveBackgroundRequest()),
+                                       Step(upscale=lanczos)]),
+                         (cutout.asset.name, [])):
+        request = job_spec_pb2.RunPipelineRequest(image=image_pb2.ImageRef(asset=image), steps=[
+            *steps, Step(inpaint=inpaint_pb2.InpaintRequest(prompt="a beach backdrop", steps=1, seed=2))])
+        job = (await collect(stub(server).RunPipeline(request)))[-1].finished.job
+        assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job.error.message
+        assert json.loads(job.outputs[-1].parameters)["mask"] == "transparent pixels of the image"
+
 
 @pytest.mark.parametrize("steps, field", [
     ([Step(inpaint=inpaint_pb2.InpaintRequest(prompt="x"))], "steps[0].inpaint.image"),
     ([Step(generate=GEN), Step(inpaint=inpaint_pb2.InpaintRequest(prompt="x"))], "steps[1].inpaint.mask"),
+    ([Step(remove_background=background_pb2.RemoveBackgroundRequest(image=image_pb2.ImageRef(inline=png_bytes()))),
+      Step(generate=GEN), Step(inpaint=inpaint_pb2.InpaintRequest(prompt="x"))], "steps[2].inpaint.mask"),
     ([Step(generate=GEN), Step(generate=generate_pb2.GenerateRequest(prompt=""))], "steps[1].generate.prompt"),
     ([Step(generate=generate_pb2.GenerateRequest(prompt="a", options=job_options_pb2.JobOptions(request_id="r")))],
      "steps[0].generate.options"),

@@ -297,7 +297,7 @@ def test_inpaint_with_auto_mask_runs_a_segment_job_whose_mask_fills_the_request(
     mask = job_pb2.Job(name="jobs/1", outputs=[job_pb2.JobOutput(asset=image_pb2.Asset(name="assets/mask"))])
     dependency.fill(mask)
     assert call.request.mask.asset == "assets/mask"
-    with pytest.raises(ValueError, match="exactly one of mask and auto_mask"):
+    with pytest.raises(ValueError, match="mask or auto_mask, not both"):
         rec.inpaint("photo.png", "mask.png", "x", auto_mask="coat")
 
 
@@ -337,6 +337,8 @@ def test_pipeline_script_and_request_steps_become_job_specs():
     assert [[(x.name, round(x.weight, 2)) for x in (s.generate.styles or s.edit.styles)]
             for s in steps[:3]] == [[("tarot", 0.8)], [("koda", 0.5)], [("tarot", 0.8)]]
     assert not steps[4].inpaint.styles
+    with pytest.raises(ValueError, match="give each JSON step its own styles"):
+        pipeline.parse('[{"generate": {"prompt": "a"}}]', styles=["tarot"])
     # a script stays a script, even one that is valid JSON
     assert [s.generate.prompt for s in pipeline.parse("1984")] == ["1984"]
     assert [s.WhichOneof("spec") for s in pipeline.parse("[] a cat\n[|tarot] at night")] == ["generate", "edit"]

@@ -145,6 +145,7 @@ def test_missing_realesrgan_weights_fail_as_model_unavailable(tmp_path):
 def test_realesrgan_x4plus_is_xinntaos_release_fetched_once_into_torchs_cache(tmp_path, monkeypatch, residency):
     """RealESRGAN_x4plus (the seed's) is a GitHub release asset: fetched by URL, kept in torch's cache."""
     import torch
+    from huggingface_hub import constants
 
     from paletta_server.engines import upscale
     from paletta_server.models.registry import SPECS
@@ -153,21 +154,25 @@ def test_realesrgan_x4plus_is_xinntaos_release_fetched_once_into_torchs_cache(tm
     assert spec.repo == "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth"
     release = tmp_path / "release" / "RealESRGAN_x4plus.pth"  # the release, served from a file:// URL
     release.parent.mkdir()
-    release.write_bytes((residency.registry.source("realesrgan-x4plus").path / "RealESRGAN_x4plus.pth").read_bytes())
+    release.write_bytes((residency.source("realesrgan-x4plus").path / "RealESRGAN_x4plus.pth").read_bytes())
+    source = ModelSource("realesrgan-x4plus", repo=release.as_uri(), filename="RealESRGAN_x4plus.pth")
     hub = tmp_path / "torch-hub"
     previous = torch.hub.get_dir()
     torch.hub.set_dir(str(hub))
     try:
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set"):
-            upscale._download(release.as_uri())
-        monkeypatch.delenv("HF_HUB_OFFLINE")
-        got = upscale._download(release.as_uri())
-        assert got == hub / "checkpoints" / "RealESRGAN_x4plus.pth" and got.read_bytes() == release.read_bytes()
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        with pytest.raises(FileNotFoundError, match="offline mode is on"):  # at once (MODEL_UNAVAILABLE in a job)
+            upscale.load_realesrgan(source, SimpleNamespace(device=CPU))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        model = upscale.load_realesrgan(source, SimpleNamespace(device=CPU))
+        got = hub / "checkpoints" / "RealESRGAN_x4plus.pth"
+        assert model.scale == 4 and got.read_bytes() == release.read_bytes()
+        assert [p.name for p in got.parent.iterdir()] == ["RealESRGAN_x4plus.pth"]  # no partial file left
         release.unlink()
-        assert upscale._download(release.as_uri()) == got  # cached: not fetched again
-        model = upscale.load_realesrgan(ModelSource("realesrgan-x4plus", path=got), SimpleNamespace(device=CPU))
-        assert model.scale == 4
+        assert upscale.load_realesrgan(source, SimpleNamespace(device=CPU)).scale == 4  # cached: not fetched again
+        got.write_bytes(got.read_bytes()[:1000])  # a download cut short by an older version, say
+        with pytest.raises(ValueError, match="is not a readable checkpoint"):  # MODEL_UNAVAILABLE, in the job
+            upscale.load_realesrgan(source, SimpleNamespace(device=CPU))
     finally:
         torch.hub.set_dir(previous)
 

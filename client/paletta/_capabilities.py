@@ -601,6 +601,8 @@ class Capabilities(Generic[HImage, HSeg, HDet, HCap, HExp, HAny, HFace]):
         """
         if isinstance(steps, str):
             specs = pipeline_script.parse(steps, has_image=image is not None, styles=styles)
+        elif styles:
+            raise ValueError("styles= is the default of a script's lines; give each step message its own styles")
         else:
             specs = [pipeline_script.to_spec(step) for step in steps]
         request = job_spec_pb2.RunPipelineRequest(

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from paletta import _cli_output as out
+from paletta import _common as c
 from paletta import pipeline as pipeline_script
 from paletta._cli_base import (
     GLOBAL_PARAMS,
@@ -390,7 +391,11 @@ def pipeline(script: Any, output: Path, no_progress: bool, image: str | None, st
     {"outpaint": {"prompt": "sea", "left": 128}}].
     """
     try:
-        steps = pipeline_script.parse(script.read(), has_image=image is not None, styles=list(styles))
+        default_styles = c.styles(list(styles))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--style") from None
+    try:
+        steps = pipeline_script.parse(script.read(), has_image=image is not None, styles=default_styles)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="SCRIPT") from None
     if not steps:

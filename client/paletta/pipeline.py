@@ -60,10 +60,12 @@ STYLED_MODES = ("generate", "edit")  # the modes whose empty style slot takes th
 def parse(script: str, *, has_image: bool = False, styles: c.StylesInput = None) -> list[job_spec_pb2.JobSpec]:
     """Turn a pipeline script (or a JSON list of JobSpecs) into steps; raises ValueError naming the
     line or step of a mistake."""
+    default = c.styles(styles)
     as_json = _json_steps(script)
     if as_json is not None:
+        if default:
+            raise ValueError("default styles apply to script lines; give each JSON step its own styles")
         return as_json
-    default = c.styles(styles)
     steps: list[job_spec_pb2.JobSpec] = []
     for number, line in enumerate(script.splitlines(), start=1):
         if not line.strip():

@@ -37,5 +37,5 @@ def run(request: background_pb2.RemoveBackgroundRequest, ctx: RunContext) -> Non
 
 
 CAPABILITY = Capability("remove_background", background_pb2.RemoveBackgroundRequest, prepare, models, run,
-                        makes_cutout=True,
+                        cutout="makes",
                         model_keys=(MODEL,), chains={"image": "image"})

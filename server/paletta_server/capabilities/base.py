@@ -103,9 +103,10 @@ class Capability:
     # Fields whose default is the size of a chained input (ControlNet's width / height): prepare fills
     # them from the input; in a pipeline step whose input is chained they stay unset until it runs.
     input_sized: tuple[str, ...] = ()
-    # Its image output is a cut-out (transparent background): in a pipeline, a following inpaint
-    # with no mask to chain repaints the transparent pixels.
-    makes_cutout: bool = False
+    # In a pipeline, whether its image output is a cut-out (transparent pixels, which a following
+    # inpaint with no mask to chain repaints): "makes" (background removal), "keeps" its input's
+    # (upscale), or "" (an opaque image).
+    cutout: str = ""
     default_priority: int = NORMAL
 
     def spec_of(self, request: Message) -> job_spec_pb2.JobSpec:

@@ -11,6 +11,7 @@ This module has no CAPABILITY: capabilities/__init__.discover() skips it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
@@ -29,9 +30,10 @@ UPSCALER_NAMES = {image_pb2.UPSCALER_UNSPECIFIED: "lanczos", image_pb2.UPSCALER_
 
 def inference_size(width: int, height: int, max_edge: int) -> tuple[int, int]:
     """The size a (width, height) input runs at: long edge ≤ max_edge, sides multiples of 16."""
-    scale = min(1.0, max_edge / max(width, height))
-    return (max(MULTIPLE, int(width * scale) // MULTIPLE * MULTIPLE),
-            max(MULTIPLE, int(height * scale) // MULTIPLE * MULTIPLE))
+    long = max(width, height)
+    if long > max_edge:  # in integers: a float scale makes 511.999… of an edge of 512, then 496
+        width, height = width * max_edge // long, height * max_edge // long
+    return max(MULTIPLE, width // MULTIPLE * MULTIPLE), max(MULTIPLE, height // MULTIPLE * MULTIPLE)
 
 
 def fit(image: Image.Image, size: tuple[int, int], resample: int = Image.Resampling.LANCZOS) -> Image.Image:
@@ -81,10 +83,17 @@ def mask_from(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
+def may_be_transparent(path: Path) -> bool:
+    """Whether a stored image can hold transparent pixels (an alpha channel or a tRNS key), from
+    its header: no pixel is decoded."""
+    with Image.open(path) as image:
+        return "A" in image.mode or "transparency" in image.info
+
+
 def transparent_region(image: Image.Image) -> Image.Image | None:
     """The mask of an image's transparent pixels (white = transparent), or None if it has none: an
     inpaint without a mask repaints them (a background-removal cut-out gets a new backdrop)."""
-    if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
+    if "A" not in image.mode and "transparency" not in image.info:
         return None
     region = ImageOps.invert(image.convert("RGBA").getchannel("A"))
     return None if is_empty(region) else region

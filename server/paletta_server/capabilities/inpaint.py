@@ -53,8 +53,8 @@ def prepare_inpaint(request: inpaint_pb2.InpaintRequest, ctx: PrepareContext) ->
 
 
 def _has_transparency(ctx: PrepareContext, request: inpaint_pb2.InpaintRequest) -> bool:
-    if ctx.assets.get(request.image.asset, "image.asset").mime == "image/jpeg":
-        return False  # no alpha channel: spare the decode
+    if not diffusion_io.may_be_transparent(ctx.assets.path(request.image.asset, "image.asset")):
+        return False  # from the header: no alpha channel, no decode
     return diffusion_io.transparent_region(ctx.assets.open_image(request.image.asset, "image")) is not None
 
 

@@ -3,7 +3,8 @@
 Each step is a ``JobSpec``: an ordinary capability request. What chains comes from the step
 capability's declaration: its ``chains`` fields, when unset, take the current image (the first
 output of the latest step that ``makes`` an image) or the current mask (of the latest step that
-makes a mask, e.g. segment). Every step is validated on submission, with chained inputs stood in
+makes a mask, e.g. segment); with no mask to chain, an inpaint after a cut-out (``Capability.cutout``)
+repaints its transparent pixels. Every step is validated on submission, with chained inputs stood in
 for by placeholder assets, so a mistake in step 3 is reported before step 1 runs; at run time each
 step is prepared again with its real inputs (an auto-mask that selected nothing fails the
 inpaint step that needs it, naming the field).
@@ -18,7 +19,7 @@ from google.protobuf.message import Message
 from PIL import Image
 
 from paletta.v1 import job_spec_pb2
-from paletta_server.capabilities import common
+from paletta_server.capabilities import common, diffusion_io
 from paletta_server.capabilities.base import Capability, OutputHandle, PrepareContext, RunContext
 from paletta_server.errors import InvalidArgument
 from paletta_server.models.profiles import Profile
@@ -62,7 +63,9 @@ def prepare(request: job_spec_pb2.RunPipelineRequest, ctx: PrepareContext) -> An
     if not 1 <= len(request.steps) <= MAX_STEPS:
         v.add("steps", f"a pipeline has 1 to {MAX_STEPS} steps, got {len(request.steps)}")
     common.resolve_image(ctx, request.image, "image", required=False)
-    current = {"image": request.image.WhichOneof("source") is not None, "mask": False, "cutout": False}
+    start = request.image.asset if request.image.WhichOneof("source") is not None else ""
+    current = {"image": bool(start), "mask": False,
+               "cutout": bool(start) and diffusion_io.may_be_transparent(ctx.assets.path(start, "image.asset"))}
     placeholders = _placeholders(ctx)
     for i, spec in enumerate(request.steps):
         kind, capability, sub = _step(spec)
@@ -75,12 +78,14 @@ def prepare(request: job_spec_pb2.RunPipelineRequest, ctx: PrepareContext) -> An
         trial, chained = type(sub)(), []
         trial.CopyFrom(sub)
         missing = False
+        own_image = any(getattr(sub, name).WhichOneof("source") is not None
+                        for name, what in capability.chains.items() if what == "image")
         for field_name, what in capability.chains.items():
             if getattr(sub, field_name).WhichOneof("source") is not None:
                 continue
             if not current[what]:
-                if what == "mask" and current["cutout"]:
-                    continue  # left unset: the step repaints the cut-out's transparent pixels
+                if what == "mask" and (current["cutout"] or own_image):
+                    continue  # left unset: the step repaints its image's transparent pixels (or says why not)
                 hint = ("set it, set the pipeline's image, or make one in an earlier step" if what == "image"
                         else "set it, or put a segment (auto mask) or remove_background step before this one")
                 v.add(f"{prefix}.{field_name}", f"no {what} to chain yet: {hint}")
@@ -102,7 +107,7 @@ def prepare(request: job_spec_pb2.RunPipelineRequest, ctx: PrepareContext) -> An
         if capability.makes:
             current[capability.makes] = True
         if capability.makes == "image":
-            current["cutout"] = capability.makes_cutout
+            current["cutout"] = capability.cutout == "makes" or (capability.cutout == "keeps" and current["cutout"])
     v.raise_if_any()
     return request
 

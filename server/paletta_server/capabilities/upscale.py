@@ -74,4 +74,4 @@ def run(request: upscale_pb2.UpscaleRequest, ctx: RunContext) -> None:
 
 
 CAPABILITY = Capability("upscale", upscale_pb2.UpscaleRequest, prepare, models, run, model_keys=(MODEL,),
-                        chains={"image": "image"})
+                        chains={"image": "image"}, cutout="keeps")

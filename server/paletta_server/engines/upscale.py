@@ -40,24 +40,44 @@ def _model_file(source: Any) -> Path:
             f"(.pth or .safetensors) there",
             metadata={"model": source.key},
         )
-    if source.repo.startswith("https://"):
-        return _download(source.repo)
+    if source.repo.startswith(("https://", "http://", "file://")):
+        return _download(source.repo, source.filename or source.repo.rsplit("/", 1)[1])
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(source.repo, source.filename, revision=source.revision or None))
 
 
-def _download(url: str) -> Path:
-    """A release file, fetched once into torch's checkpoint cache (where torch.hub keeps weights)."""
-    import torch
+DOWNLOAD_TIMEOUT_S = 30.0  # per network read: a stalled download fails the job, never holds the device
 
-    target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+
+def _download(url: str, filename: str) -> Path:
+    """A release file, fetched once into torch's checkpoint cache (where torch.hub keeps weights):
+    into a temporary file, kept only when it has every byte the server announced."""
+    import shutil
+    import tempfile
+    import urllib.request
+
+    import torch
+    from huggingface_hub import constants
+
+    target = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if target.is_file():
         return target
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):  # offline: no network at all
-        raise FileNotFoundError(f"{target} is not there and HF_HUB_OFFLINE is set, so {url} is not fetched")
+    if constants.HF_HUB_OFFLINE:  # the one offline switch (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)
+        raise FileNotFoundError(f"{target} is not there, and offline mode is on, so {url} is not fetched")
     target.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(url, str(target), progress=False)  # to a temporary file, then renamed
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, \
+            tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{filename}.", delete=False) as part:
+        try:
+            shutil.copyfileobj(response, part)
+            part.flush()
+            expected = response.headers.get("Content-Length")
+            if expected is not None and part.tell() != int(expected):
+                raise ConnectionError(f"{url}: got {part.tell()} of {expected} bytes")
+        except BaseException:
+            Path(part.name).unlink(missing_ok=True)
+            raise
+    os.replace(part.name, target)
     return target
 
 
@@ -67,7 +87,10 @@ def load_realesrgan(source: Any, lc: Any) -> Any:
     from spandrel import ImageModelDescriptor, ModelLoader
 
     path = _model_file(source)
-    descriptor = ModelLoader().load_from_file(str(path))
+    try:
+        descriptor = ModelLoader().load_from_file(str(path))
+    except RuntimeError as exc:  # a truncated or corrupt checkpoint: say which file, not a generic error
+        raise ValueError(f"{path} is not a readable checkpoint ({str(exc)[:200]}); delete or replace it") from exc
     if not isinstance(descriptor, ImageModelDescriptor):
         kind = type(descriptor).__name__
         raise ValueError(f"{path} is not an image-to-image model (spandrel found {kind})")

@@ -129,9 +129,11 @@ class ModelRegistry:
 
     def how_to_provide(self, key: str) -> str:
         spec = self.specs[key]
-        fetch = f"`curl -LO {spec.repo}`" if spec.repo.startswith("https://") else f"`hf download {spec.repo}`"
+        if spec.repo.startswith("https://"):  # a release file: fetched into torch's checkpoint cache
+            fetch = f"download it (`curl -LO {spec.repo}`) and point {env_var(key)} at the file"
+        else:
+            fetch = f"download it (e.g. `hf download {spec.repo}`), or point {env_var(key)} at a local folder"
         return (
-            f"model {key!r} ({spec.repo}) is not available offline: download it (e.g. {fetch}), "
-            f"or point {env_var(key)} at a local folder, or set [models.{key}] path = \"...\" in "
-            f"{self.config.data_dir / 'paletta.toml'}; `--profile tiny` runs without weights"
+            f"model {key!r} ({spec.repo}) is not available offline: {fetch}, or set [models.{key}] path = \"...\" "
+            f"in {self.config.data_dir / 'paletta.toml'}; `--profile tiny` runs without weights"
         )
