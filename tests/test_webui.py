@@ -158,6 +158,26 @@ async def test_inpaint_sends_the_painted_mask_as_png(page):
     assert sent.size == (64, 48) and sent.getbbox() == (8, 8, 40, 32)
 
 
+async def test_inpaint_without_a_mask_repaints_a_cut_out_or_says_why_not_at_the_mask(page):
+    user, sdk = page
+    fill(user, mode="inpaint")
+    await give_image(user, png())  # opaque: the server asks for a mask, shown at the mask slot
+    await user.should_see("No mask painted: a cut-out's transparent pixels are repainted")
+    fill(user, prompt="a beach", steps=1)
+    user.find(marker="run").click()
+    await user.should_see("unless the image has transparent pixels", retries=100)
+    cutout = Image.open(io.BytesIO(png())).convert("RGBA")
+    alpha = Image.new("L", cutout.size, 0)
+    alpha.paste(255, (16, 8, 48, 40))  # a subject; transparent around it
+    cutout.putalpha(alpha)
+    buffer = io.BytesIO()
+    cutout.save(buffer, format="PNG")
+    image = await give_image(user, buffer.getvalue())
+    job = await run(user, sdk)
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job.error.message
+    assert job.spec.inpaint.image.asset == image and not job.spec.inpaint.HasField("mask")
+
+
 async def test_inpaint_auto_mask_by_text_lands_as_the_mask(page):
     user, sdk = page
     fill(user, mode="inpaint")

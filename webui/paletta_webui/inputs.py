@@ -13,6 +13,9 @@ from paletta_webui.connection import Connection
 from paletta_webui.logic import asset_url
 from paletta_webui.mask_editor import MaskEditor
 
+# Without a mask the server repaints the image's transparent pixels (or says a mask is needed).
+NO_MASK = "No mask painted: a cut-out's transparent pixels are repainted"
+
 
 class ImageSlot:
     """One image input: an upload (picker or drop), a preview, clear; holds the asset name."""
@@ -90,7 +93,7 @@ class InputImage(ImageSlot):
                     self.auto_text = ui.input("Auto-mask: what to select", placeholder="the sky").classes("grow")
                     self.auto_button = ui.button("Auto-mask", on_click=self.auto_mask).props("no-caps")
                     self.auto_button.mark("auto-mask")
-                self.mask_label = ui.label("No mask painted").classes("text-xs opacity-70")
+                self.mask_label = ui.label(NO_MASK).classes("text-xs opacity-70")
                 self.mask_error = ui.label("").classes("text-sm text-negative")
         self.set_masking(False)
 
@@ -107,7 +110,7 @@ class InputImage(ImageSlot):
         self.mask = png
         self.mask_error.text = ""
         if png is None:
-            self.mask_label.text = "No mask painted"
+            self.mask_label.text = NO_MASK
         elif isinstance(png, str):
             self.mask_label.text = f"Mask: {png}"
         else:
