@@ -414,7 +414,8 @@ def test_request_the_server_refuses_exits_2_with_field_violations(live, sdk, tmp
 def test_bad_usage_exits_2_before_anything_is_sent(live, sdk, photo, tmp_path):
     before = len(sdk.list_jobs(limit=None))
     assert run(live, "generate", "x", "-o", str(tmp_path / "o.png"), "--steps", "0").exit_code == 2
-    assert run(live, "inpaint", str(photo), "x", "-o", str(tmp_path / "o.png")).exit_code == 2  # no mask
+    # no mask on an opaque image: refused by the server at submission (no job), exit 2
+    assert run(live, "inpaint", str(photo), "x", "-o", str(tmp_path / "o.png")).exit_code == 2
     assert run(live, "outpaint", str(photo), "-o", str(tmp_path / "o.png")).exit_code == 2  # no side
     assert run(live, "control", str(photo), "x", "-o", str(tmp_path / "o.png")).exit_code == 2  # no --type
     assert run(live, "edit", str(tmp_path / "absent.png"), "x", "-o", str(tmp_path / "o.png")).exit_code == 2
